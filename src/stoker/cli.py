@@ -1,0 +1,208 @@
+"""The `stoker` command: a thin shell over the library.
+
+User errors (bad config, missing data, bad arguments) end with one line naming what is
+wrong and exit code 2; internal errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+from stoker.config import ConfigError, load_config
+
+USAGE_ERROR = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"stoker: error: {msg}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _summary_table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def train_table(s: dict):
+    return _summary_table("training run", [
+        ("steps", f"{s['start_step']} -> {s['steps']}" + (" (stopped early)" if s["stopped_early"] else "")),
+        ("parameters", f"{s['params'] / 1e6:.2f} M"),
+        ("tokens seen", f"{s['tokens']:,}"),
+        ("final train loss", f"{s['train_loss']:.4f}"),
+        ("final val loss", f"{s['val_loss']:.4f}"),
+        ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
+        ("MFU", f"{s['mfu']:.1%}"),
+        ("wall time", f"{s['seconds']:.1f} s"),
+        ("run directory", s["out_dir"]),
+    ])
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull `--section.key=value` and `--section.key value` out of argv; return (others, overrides)."""
+    others, overrides, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=")[0]:
+            if "=" not in a:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override {a!r} has no value; write {a}=VALUE")
+                a, i = f"{a}={argv[i + 1]}", i + 1
+            overrides.append(a)
+        else:
+            others.append(a)
+        i += 1
+    return others, overrides
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from stoker.data.prepare import prepare, summary_table
+
+    try:
+        summary = prepare(args.sources or None, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    Console().print(summary_table(summary))
+    return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun with `nproc` processes; relay one stop request."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "stoker", *argv]
+    # Its own session: a terminal's Ctrl-C reaches torchrun only through us, once.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    signals = []
+
+    def relay(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, relay)
+    return proc.wait()
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.nproc > 1:
+            if cfg.parallel.dp not in (1, args.nproc):
+                raise ConfigError(
+                    f"parallel.dp_replicate x parallel.dp_shard = {cfg.parallel.dp} does not match --nproc {args.nproc}"
+                )
+            argv = ["train"] + ([args.config] if args.config else []) + overrides
+            return _launch(args.nproc, argv)
+        from stoker.train.trainer import train
+
+        summary = train(cfg)
+    except ConfigError as e:
+        return _fail(str(e))
+    if int(os.environ.get("RANK", "0")) == 0:
+        from rich.console import Console
+
+        Console().print(train_table(summary))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stoker.generate import evaluate
+
+    try:
+        r = evaluate(args.run_dir, batches=args.batches)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"step {r['step']}: val loss {r['val_loss']:.4f} nats/token, perplexity {r['perplexity']:.2f} "
+          f"({r['windows']} windows, {r['tokens']:,} tokens)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stoker.generate import generate
+
+    try:
+        text = generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stoker.demo import demo
+
+    try:
+        demo(data_dir=args.data_dir, out_dir=args.out_dir, minutes=args.minutes)
+    except ConfigError as e:
+        return _fail(str(e))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stoker", description="Train, evaluate and sample GPT-style models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("prepare", help="text files -> BPE tokenizer + packed token shards",
+                        description="Train a byte-level BPE tokenizer and write packed train/val token shards. "
+                                    "With no SRC, uses the Python standard library's own source files.")
+    pp.add_argument("sources", nargs="*", metavar="SRC", help="files or folders (.txt .md .py .jsonl)")
+    pp.add_argument("--out", required=True, help="output data directory")
+    pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    pp.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+
+    pt = sub.add_parser("train", help="train or resume a model",
+                        description="Train per CONFIG.toml and --section.key=value overrides (e.g. --train.steps=100 "
+                                    "--model.preset=tiny). Resumes from the latest checkpoint in train.out_dir. "
+                                    "SIGTERM/SIGINT: finish the step, checkpoint, exit; a second one exits at once.")
+    pt.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
+    pt.add_argument("--nproc", type=int, default=1, help="launch N processes under torchrun (data parallel)")
+
+    pe = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
+    pe.add_argument("run_dir", help="a train.out_dir")
+    pe.add_argument("--batches", type=int, default=16, help="val batches of 8 windows (default 16)")
+
+    pg = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
+    pg.add_argument("run_dir", help="a train.out_dir")
+    pg.add_argument("--prompt", default="", help="text to continue")
+    pg.add_argument("--max-new-tokens", type=int, default=200)
+    pg.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    pg.add_argument("--top-k", type=int, default=50, help="sample from the K most likely tokens (0: all)")
+    pg.add_argument("--seed", type=int, default=None)
+
+    pd = sub.add_parser("demo", help="prepare the stdlib corpus, train a small model, show a sample")
+    pd.add_argument("--data-dir", default="data/stdlib")
+    pd.add_argument("--out-dir", default="runs/demo")
+    pd.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides: list[str] = []
+    if argv[:1] == ["train"]:
+        try:
+            argv, overrides = _split_overrides(argv)
+        except ConfigError as e:
+            return _fail(str(e))
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args, overrides)
+    return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`stoker demo`: the stdlib corpus -> a small trained model -> a sample, in a few minutes."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from stoker.config import load_config
+
+
+def _steps_for(minutes: float, cfg) -> int:
+    """Steps that fit the time budget, from a timed probe of a few steps of the same model and batch."""
+    from stoker.data.prepare import load_meta
+    from stoker.models.gpt import loss_fn
+    from stoker.train.trainer import build_model, build_optimizer, model_config
+
+    t = cfg.train
+    model = build_model(model_config(cfg, load_meta(cfg.data.dir)["vocab_size"]), t.seed, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, model.cfg.vocab_size, (t.batch_size, t.seq_len + 1))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16"):
+            loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    per_step = min(times[1:]) * 1.1  # eval and checkpoints take a little on top
+    return max(20, int(minutes * 60 / per_step))
+
+
+def demo(data_dir: str = "data/stdlib", out_dir: str = "runs/demo", minutes: float = 3.0) -> dict:
+    from rich.console import Console
+
+    from stoker.cli import train_table
+    from stoker.data.prepare import prepare, summary_table
+    from stoker.generate import generate
+    from stoker.train.trainer import train
+
+    console = Console()
+    if not (Path(data_dir) / "meta.json").is_file():
+        console.print(f"[bold]1/3 prepare[/]: the Python standard library's sources -> {data_dir}")
+        console.print(summary_table(prepare(None, data_dir)))
+    else:
+        console.print(f"[bold]1/3 prepare[/]: reusing {data_dir}")
+    overrides = {
+        "model.preset": "tiny", "data.dir": data_dir, "train.out_dir": out_dir, "train.dtype": "bf16",
+        "train.batch_size": 16, "train.seq_len": 256, "train.lr": 2e-3, "train.warmup_steps": 50,
+        "train.eval_every": 100, "train.eval_batches": 8, "train.ckpt_every": 0,
+    }
+    cfg = load_config(overrides=overrides)
+    steps = _steps_for(minutes, cfg)
+    cfg = load_config(overrides=dict(overrides, **{"train.steps": steps}))
+    shutil.rmtree(out_dir, ignore_errors=True)  # the demo always starts from scratch
+    console.print(f"[bold]2/3 train[/]: preset tiny, bf16 autocast, {steps} steps (~{minutes:g} min) -> {out_dir}")
+    summary = train(cfg)
+    console.print(train_table(summary))
+    prompt = "def fibonacci(n):\n"
+    console.print("[bold]3/3 generate[/]: prompt " + repr(prompt))
+    text = generate(out_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=50, seed=0)
+    console.print(prompt + text, markup=False, highlight=False)
+    return summary

@@ -1,0 +1,130 @@
+"""Throughput, MFU against the device's peak, the metrics log and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Declared dense peaks (TFLOP/s) of common GPUs, without sparsity, from the vendors' data sheets.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp32": 67.0},  # SXM; the PCIe card is lower, matched first below
+    "H100 PCIe": {"bf16": 756.0, "fp32": 51.0},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp32": 30.3},
+    "A10": {"bf16": 125.0, "fp32": 31.2},
+    "RTX 4090": {"bf16": 165.0, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp32": 35.6},
+    "V100": {"bf16": 125.0, "fp32": 15.7},  # no bf16 units: fp16 tensor-core figure
+}
+
+CACHE = Path(os.environ.get("STOKER_CACHE", Path.home() / ".cache" / "stoker")) / "peak_flops.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Best FLOP/s of an n x n matmul on the CPU with torch's current thread count."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # warm-up: first call picks kernels
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_flops(device: torch.device, dtype: str) -> float:
+    """Peak FLOP/s of one device for `dtype` ("fp32" or "bf16").
+
+    GPUs: the declared table. CPUs: measured once by a matmul probe using every core, cached
+    per CPU model, core count and dtype (the probe takes about a second).
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+            if key in name:
+                return GPU_PEAK_TFLOPS[key][dtype] * 1e12
+        return float("nan")  # unknown GPU: MFU is reported as NaN rather than guessed
+    cores = os.cpu_count() or 1
+    key = f"{_cpu_name()}|{cores}|{dtype}"
+    try:
+        cache = json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        try:
+            cache[key] = measure_matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        finally:
+            torch.set_num_threads(threads)
+        try:
+            CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(CACHE)
+        except OSError:
+            pass  # a read-only home only costs a re-probe next time
+    return float(cache[key])
+
+
+class MetricsLog:
+    """Append-only JSON lines, one object per event; rank 0 writes."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            # Drop lines past the checkpoint we resume from: those steps run again.
+            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        elif resume_step is None:
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
