@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("sources", nargs="*", metavar="SRC", help="files or folders (.txt .md .py .jsonl)")
     pp.add_argument("--out", required=True, help="output data directory")
     pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    pp.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    pp.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
 
     pt = sub.add_parser("train", help="train or resume a model",
                         description="Train per CONFIG.toml and --section.key=value overrides (e.g. --train.steps=100 "

@@ -59,6 +59,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    decay_steps: int = 0  # length of the cosine decay; 0 means train.steps (set it to extend a run later)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -78,7 +79,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "warmup_steps", "ckpt_every", "eval_every"):
+        for name in ("micro_batch_size", "warmup_steps", "decay_steps", "ckpt_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

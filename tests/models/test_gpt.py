@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
+from stoker.models.presets import GPT3_PAPER_PARAMS, PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(GPT3_PAPER_PARAMS))
+def test_gpt3_param_counts_match_paper(name):
+    n = count_params(GPTConfig.from_preset(name))
+    # Table 2.1 of the GPT-3 paper rounds its counts (e.g. "350M"), and its head sizes for
+    # 1.3B/13B do not divide d_model: 2% covers both.
+    assert abs(n / GPT3_PAPER_PARAMS[name] - 1) < 0.02, (name, n)
+
+
+def test_175b_is_described_on_meta_without_allocating():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt3-175b"))
+    assert all(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_175b_training_flops_match_paper():
+    # GPT-3 paper, Table D.1: 175B on 300B tokens = 3.14e23 FLOPs, counted as 6N per token.
+    # Our count adds the attention-score term (~3% at 2048 context), so allow 5%.
+    cfg = GPTConfig.from_preset("gpt3-175b")
+    total = flops_per_token(cfg, 2048) * 300e9
+    assert abs(total / 3.14e23 - 1) < 0.05
+
+
+def test_debug_preset_shape_and_forward():
+    p = PRESETS["debug"]
+    assert p.n_layer >= 4 and p.n_head % 2 == 0
+    cfg = GPTConfig.from_preset("debug", vocab_size=512, block_size=64)
+    assert 1e5 <= count_params(GPTConfig.from_preset("debug")) < 1e6
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    idx = torch.randint(0, 512, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 512)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_loss_at_init_is_log_vocab():
+    cfg = GPTConfig.from_preset("debug", vocab_size=8192, block_size=64)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (4, 64))
+    loss = loss_fn(model(idx), torch.randint(0, cfg.vocab_size, (4, 64))).item()
+    # Init logits have std ~ sqrt(n_embd) * 0.02 ~ 0.11, which raises the loss above ln(V) by
+    # about var/2 ~ 0.006 nats: 0.05 leaves room for sampling noise, and fails a broken init.
+    assert abs(loss - math.log(cfg.vocab_size)) < 0.05
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("debug", vocab_size=256, block_size=32)).eval()
+    a = torch.randint(0, 256, (1, 20))
+    b = a.clone()
+    b[0, 10:] = torch.randint(0, 256, (10,))
+    torch.testing.assert_close(model(a)[0, :10], model(b)[0, :10])
