@@ -77,6 +77,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
 def _launch(nproc: int, argv: list[str]) -> int:
     """Run this same command under torchrun with `nproc` processes; relay one stop request."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -87,10 +94,17 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
     def relay(signum, frame):
         signals.append(signum)
-        if len(signals) == 1:
-            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
-        else:
+        if len(signals) > 1:
             os.killpg(proc.pid, signal.SIGKILL)
+            return
+        # Signal the workers themselves: they checkpoint and exit 0, and torchrun then ends
+        # cleanly too. A signal to torchrun would also reach them, but torchrun itself then
+        # reports failure whatever the workers did.
+        workers = _children(proc.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        if not workers:
+            proc.send_signal(signal.SIGTERM)
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, relay)

@@ -15,6 +15,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+# DCP warns on every single-process save/load that it assumes a single process: that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 

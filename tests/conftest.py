@@ -1,0 +1,41 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stoker.data.prepare import default_sources, prepare
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A few stdlib packages, 512-token vocabulary: real text, prepared in seconds."""
+    stdlib = default_sources()[0]
+    out = tmp_path_factory.mktemp("data") / "small"
+    prepare([stdlib / "json", stdlib / "email", stdlib / "asyncio"], out, vocab_size=512, val_fraction=0.1,
+            progress=False)
+    return out
+
+
+TINY = ["--model.preset=debug", "--train.seq_len=32", "--train.batch_size=8", "--train.lr=3e-3",
+        "--train.warmup_steps=2", "--train.eval_every=0", "--train.progress=false"]
+
+
+def run_train(data: Path, out: Path, *overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`stoker train` in a fresh process (under torchrun when nproc > 1), one thread per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stoker", "train", *TINY, f"--data.dir={data}", f"--train.out_dir={out}", *overrides]
+    if nproc > 1:
+        cmd.append(f"--nproc={nproc}")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> train loss, from the run's metrics.jsonl."""
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
