@@ -120,6 +120,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
                     f"parallel.dp_replicate x parallel.dp_shard = {cfg.parallel.dp} does not match --nproc {args.nproc}"
                 )
             argv = ["train"] + ([args.config] if args.config else []) + overrides
+            if cfg.train.device != "cuda":
+                import torch
+
+                from stoker.train.metrics import peak_flops
+
+                peak_flops(torch.device("cpu"), cfg.train.dtype)  # probe the CPU's peak while it is idle
             return _launch(args.nproc, argv)
         from stoker.train.trainer import train
 

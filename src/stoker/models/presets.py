@@ -27,8 +27,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # A few hundred thousand parameters: for tests and smoke runs.
     "debug": Preset(n_layer=4, n_embd=32, n_head=4, block_size=256),
-    # ~7M parameters: what `make demo` trains in a few minutes on two CPU cores.
-    "tiny": Preset(n_layer=6, n_embd=256, n_head=8, block_size=512),
+    # ~5M parameters: what `make demo` trains in a few minutes on two CPU cores.
+    "tiny": Preset(n_layer=4, n_embd=256, n_head=8, block_size=512),
     # ~23M parameters: the throughput benchmark's default.
     "mini": Preset(n_layer=6, n_embd=512, n_head=8, block_size=512),
     "gpt3-125m": Preset(12, 768, 12, GPT3_VOCAB, GPT3_CONTEXT),

@@ -51,11 +51,12 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0
     return best
 
 
-def peak_flops(device: torch.device, dtype: str) -> float:
+def peak_flops(device: torch.device, dtype: str, cache: bool = True) -> float:
     """Peak FLOP/s of one device for `dtype` ("fp32" or "bf16").
 
     GPUs: the declared table. CPUs: measured once by a matmul probe using every core, cached
-    per CPU model, core count and dtype (the probe takes about a second).
+    per CPU model, core count and dtype (the probe takes about a second). Pass cache=False
+    where other processes may be busy on the same cores: the figure is then used but not kept.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -66,24 +67,26 @@ def peak_flops(device: torch.device, dtype: str) -> float:
     cores = os.cpu_count() or 1
     key = f"{_cpu_name()}|{cores}|{dtype}"
     try:
-        cache = json.loads(CACHE.read_text())
+        known = json.loads(CACHE.read_text())
     except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cores)
-        try:
-            cache[key] = measure_matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
-        finally:
-            torch.set_num_threads(threads)
+        known = {}
+    if key in known:
+        return float(known[key])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        known[key] = measure_matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    if cache:
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
             tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.write_text(json.dumps(known, indent=1))
             tmp.replace(CACHE)
         except OSError:
             pass  # a read-only home only costs a re-probe next time
-    return float(cache[key])
+    return float(known[key])
 
 
 class MetricsLog:

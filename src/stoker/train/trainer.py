@@ -213,7 +213,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     fpt = flops_per_token(gcfg, t.seq_len)
     # Processes on one CPU share its cores; GPUs each bring their own peak.
     n_peaks = info.world if info.device.type == "cuda" else max(1, info.world // info.local_world)
-    peak = peak_flops(info.device, t.dtype) * n_peaks if info.is_main else float("nan")
+    # Under torchrun the other ranks share these cores during the probe: use it, do not keep it.
+    peak = peak_flops(info.device, t.dtype, cache=info.world == 1) * n_peaks if info.is_main else float("nan")
     tokens_per_step = t.batch_size * t.seq_len
 
     def checkpoint(step: int) -> None:
