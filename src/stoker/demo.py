@@ -19,7 +19,7 @@ def _steps_for(minutes: float, cfg) -> int:
 
     t = cfg.train
     model = build_model(model_config(cfg, load_meta(cfg.data.dir)["vocab_size"]), t.seed, torch.device("cpu"))
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg)
     x = torch.randint(0, model.cfg.vocab_size, (t.batch_size, t.seq_len + 1))
     times = []
     for _ in range(6):

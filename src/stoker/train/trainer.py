@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -60,14 +61,17 @@ def build_sharded_model(gcfg: GPTConfig, seed: int, info: DistInfo, mesh, cfg: C
     return model
 
 
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     decay, no_decay = [], []
     for p in model.parameters():
         # Matmul weights and embeddings decay; biases and norm gains do not.
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+    try:
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+    except RuntimeError:  # no fused kernel for this device or dtype: the multi-tensor one
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
 
 
 class StopFlag:
@@ -86,7 +90,9 @@ class StopFlag:
         if self.at is None:
             self.at = now
         elif now - self.at > self.SAME_REQUEST_S:
-            raise SystemExit(128 + signum)
+            # At once: no clean-up that could wait on a collective. A half-written checkpoint
+            # keeps its temporary name and is ignored and replaced by the next save.
+            os._exit(128 + signum)
 
     @property
     def set(self) -> bool:
@@ -185,7 +191,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     else:
         model = parallelize(build_model(gcfg, t.seed, info.device), mesh, cfg.parallel, None)
         autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    optimizer = build_optimizer(model, cfg, info.device)
+    optimizer = build_optimizer(model, cfg)
 
     local_batch = t.batch_size // dp_world
     micro = t.micro_batch_size or local_batch
@@ -196,6 +202,11 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     start = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
+        saved = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else asdict(gcfg)
+        diff = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(gcfg).items() if k != "dropout" and saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"train.out_dir: {out} holds a run of another model shape ({', '.join(diff)}); "
+                              "use a new train.out_dir or the run's own model settings")
         state = load_checkpoint(ckpt, model, optimizer)
         try:
             loader.load_state_dict(state["loader"])
@@ -228,6 +239,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             log.write({"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
         return v
 
+    if start >= t.steps and info.is_main:
+        print(f"{out} is already at step {start} (train.steps={t.steps}); raise train.steps to train further")
     progress = _Progress(show=info.is_main, bar=t.progress, total=t.steps, start=start)
     stop = StopFlag()
     loss_val = val = float("nan")
