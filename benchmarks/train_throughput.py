@@ -4,16 +4,21 @@
 
 The plain loop is the model, AdamW and gradient clipping written out directly (no config,
 loader, checkpointing or metrics): the ratio stoker / plain is stoker's overhead. The two
-are run alternately, `--repeats` times each, in the same script; each figure comes from the
-fastest step after warm-up: on a shared machine noise only ever adds time, so the minimum is
-the steadiest estimate of what a step costs. Prints a table and writes JSON (default runs/bench/train_throughput.json).
+are measured in the same script in two ways, `--repeats` rounds each:
+- sequentially, each alone with every core: tokens/s and MFU from the fastest step after
+  warm-up (on a shared machine noise only ever adds time);
+- paired (one process only): both at once, each pinned to its own core with one thread, so
+  that the machine's drift (whole runs here vary by +-20%) hits both alike; the cores are
+  swapped each round. The stoker/plain ratio comes from these, as a geometric mean. Prints a table and writes JSON (default runs/bench/train_throughput.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,28 +82,66 @@ def plain_worker(args: argparse.Namespace) -> None:
         print(json.dumps({"step_times": times}))
 
 
-def run_plain(args: argparse.Namespace) -> float:
+def _plain_cmd(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, __file__, "--plain-worker", f"--preset={args.preset}", f"--dtype={args.dtype}",
            f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--steps={args.steps}"]
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *cmd[1:]]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    times = json.loads(out.strip().splitlines()[-1])["step_times"][WARMUP:]
-    return args.batch_size * args.seq_len / min(times)
+    return cmd
 
 
-def run_stoker(args: argparse.Namespace, data: Path, root: Path) -> float:
-    out = root / f"run_{time.time_ns()}"
+def _stoker_cmd(args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "stoker", "train", f"--model.preset={args.preset}", f"--data.dir={data}",
            f"--train.out_dir={out}", f"--train.steps={args.steps}", f"--train.batch_size={args.batch_size}",
            f"--train.seq_len={args.seq_len}", f"--train.dtype={args.dtype}", "--train.eval_every=0",
            "--train.eval_batches=1", "--train.ckpt_every=0", "--train.progress=false", f"--nproc={args.nproc}"]
     if args.nproc > 1:
         cmd.append(f"--parallel.dp_replicate={args.nproc}")
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return cmd
+
+
+def _start(cmd: list[str], cpu: int | None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if cpu is not None:  # one core, one thread
+        env["OMP_NUM_THREADS"] = "1"
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(proc.args)} failed:\n{err[-2000:]}")
+    return out
+
+
+def _plain_times(out: str) -> list[float]:
+    return json.loads(out.strip().splitlines()[-1])["step_times"][WARMUP:]
+
+
+def _stoker_times(out: Path) -> list[float]:
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    times = [r["step_time_s"] for r in recs if "step_time_s" in r][WARMUP:]
-    return args.batch_size * args.seq_len / min(times)
+    return [r["step_time_s"] for r in recs if "step_time_s" in r][WARMUP:]
+
+
+def sequential(args: argparse.Namespace, data: Path, root: Path) -> tuple[float, float]:
+    """Each loop alone with every core; the fastest step of each, in tokens/s."""
+    tokens = args.batch_size * args.seq_len
+    plain = _plain_times(_finish(_start(_plain_cmd(args), None)))
+    out = root / f"run_{time.time_ns()}"
+    _finish(_start(_stoker_cmd(args, data, out), None))
+    return tokens / min(plain), tokens / min(_stoker_times(out))
+
+
+def paired(args: argparse.Namespace, data: Path, root: Path, plain_cpu: int, stoker_cpu: int) -> float:
+    """Both loops at once, one core and one thread each: whatever else the machine does at that
+    moment slows both alike. Returns stoker / plain from their median steps."""
+    out = root / f"run_{time.time_ns()}"
+    a = _start(_plain_cmd(args), plain_cpu)
+    b = _start(_stoker_cmd(args, data, out), stoker_cpu)
+    plain = _plain_times(_finish(a))
+    _finish(b)
+    return statistics.median(plain) / statistics.median(_stoker_times(out))
 
 
 def main() -> None:
@@ -108,8 +151,8 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="steps per run, the first two left out as warm-up")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of each measurement")
     p.add_argument("--out", default="runs/bench/train_throughput.json")
     p.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -119,20 +162,26 @@ def main() -> None:
     cfg = GPTConfig.from_preset(args.preset, vocab_size=VOCAB, block_size=args.seq_len)
     fpt = flops_per_token(cfg, args.seq_len)
     peak = peak_flops(torch.device("cpu"), args.dtype)
-    plain, ours = [], []
+    plain, ours, pairs = [], [], []
+    cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp))
-        for _ in range(args.repeats):  # alternate, so drifts in machine speed hit both alike
-            plain.append(run_plain(args))
-            ours.append(run_stoker(args, data, Path(tmp)))
+        for i in range(args.repeats):
+            p_tps, s_tps = sequential(args, data, Path(tmp))
+            plain.append(p_tps)
+            ours.append(s_tps)
+            if args.nproc == 1 and len(cpus) >= 2:  # swap the cores each round: cancels any core's own bias
+                pairs.append(paired(args, data, Path(tmp), cpus[i % 2], cpus[1 - i % 2]))
     p_tps, s_tps = max(plain), max(ours)
+    # The ratio: from the paired runs where there are some (steadier), else from the sequential ones.
+    ratio = math.exp(statistics.mean(math.log(r) for r in pairs)) if pairs else s_tps / p_tps
     result = {
         "preset": args.preset, "params": sum(p.numel() for p in GPT(cfg).parameters()), "dtype": args.dtype,
         "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "peak_flops": peak, "flops_per_token": fpt,
         "plain": {"tokens_per_s": p_tps, "mfu": p_tps * fpt / peak, "runs": plain},
         "stoker": {"tokens_per_s": s_tps, "mfu": s_tps * fpt / peak, "runs": ours},
-        "ratio": s_tps / p_tps,
+        "ratio": ratio, "ratio_source": "paired" if pairs else "sequential", "paired_ratios": pairs,
     }
     from rich.console import Console
     from rich.table import Table
@@ -142,7 +191,8 @@ def main() -> None:
     for c in ("loop", "tokens/s", "MFU", "vs plain"):
         t.add_column(c, justify="right")
     t.add_row("plain PyTorch", f"{p_tps:,.0f}", f"{result['plain']['mfu']:.1%}", "1.00x")
-    t.add_row("stoker train", f"{s_tps:,.0f}", f"{result['stoker']['mfu']:.1%}", f"{result['ratio']:.2f}x")
+    t.add_row("stoker train", f"{s_tps:,.0f}", f"{result['stoker']['mfu']:.1%}",
+              f"{ratio:.3f}x ({result['ratio_source']})")
     Console().print(t)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
