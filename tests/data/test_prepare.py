@@ -1,0 +1,198 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stoker.data.prepare import default_sources, dtype_for, load_meta, load_split, prepare
+from stoker.data.tokenizer import EOT, Tokenizer
+
+WORDS = ("alpha beta gamma delta return import class def self value index table while yield "
+         "the of and to in is for with on data model token shard über naïve 数据").split()
+
+
+def make_corpus(root, n=40) -> dict[str, str]:
+    """n small .py/.txt/.md documents plus one non-UTF-8 file and one other file type."""
+    rng = np.random.default_rng(0)
+    docs = {}
+    for i in range(n):
+        ext = [".py", ".txt", ".md"][i % 3]
+        body = "\n".join(" ".join(rng.choice(WORDS, 8)) for _ in range(6))
+        if ext == ".py":
+            text = f"def f{i}(x):\n    return x * {i}  # ✓\n\n\nclass C{i}:\n\tpass\n{body}\n"
+        elif ext == ".md":
+            text = f"# Title {i}\n\n- {body}\n\n```\ncode\n```\r\n"
+        else:
+            text = f"{body}\n  trailing spaces   \n\n"
+        (root / f"d{i:03d}{ext}").write_bytes(text.encode("utf-8"))
+        docs[f"d{i:03d}{ext}"] = text
+    (root / "sub").mkdir()
+    (root / "sub" / "bad.py").write_bytes(b"\xff\xfe\x00bad SECRETBYTES")
+    (root / "sub" / "image.png").write_bytes(b"\x89PNG")
+    return docs
+
+
+def decode_docs(out, split) -> list[str]:
+    tok = Tokenizer.load(out)
+    ids = np.concatenate([np.asarray(s) for s in load_split(out, split)] + [np.empty(0, np.int64)]).tolist()
+    assert not ids or ids[-1] == tok.eot_id
+    return tok.decode(ids).split(EOT)[:-1]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    return src, make_corpus(src)
+
+
+def test_deterministic_across_processes_and_round_trips(tmp_path, corpus):
+    src, docs = corpus
+    a = prepare([str(src)], tmp_path / "a", vocab_size=400, val_fraction=0.2, progress=False)
+    # A second process: the Rust side's hash maps are seeded differently there.
+    code = f"from stoker.data.prepare import prepare; prepare([{str(src)!r}], {str(tmp_path / 'b')!r}, 400, 0.2, progress=False)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert {"tokenizer.json", "meta.json", "train_00000.bin", "val_00000.bin"} <= set(names)
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert a["skipped_non_utf8"] == 1 and a["ignored"] == 1 and a["files"] == 40 and a["documents"] == 40
+    assert a["bytes"] == sum(len(t.encode()) for t in docs.values())
+    train, val = decode_docs(tmp_path / "a", "train"), decode_docs(tmp_path / "a", "val")
+    assert len(train) == a["splits"]["train"]["documents"] and len(val) == a["splits"]["val"]["documents"] >= 1
+    # Every document appears exactly once, in one split, byte for byte.
+    assert sorted(train + val) == sorted(docs.values())
+    assert not set(train) & set(val)
+    assert not any("SECRETBYTES" in d or "bad" in d for d in train + val)
+    assert a["vocab_size"] == Tokenizer.load(tmp_path / "a").vocab_size <= 400
+    assert a["tokens"] == sum(len(s) for sp in ("train", "val") for s in load_split(tmp_path / "a", sp))
+
+
+def test_tokenizer_round_trips_any_string_and_keeps_eot_literal_as_text(tmp_path, corpus):
+    src, _ = corpus
+    prepare([str(src)], tmp_path / "o", vocab_size=300, val_fraction=0.2, progress=False)
+    tok = Tokenizer.load(tmp_path / "o")
+    assert tok.eot_id == 0 and 257 <= tok.vocab_size <= 300
+    for s in ["", "never seen: ∮ E⋅da = Q 😀 \x00\t\r\n", "  lead", "x" * 1000, f"a {EOT} b"]:
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.eot_id not in tok.encode(f"quoted {EOT} inside")
+    assert tok.encode_batch(["ab", "cd"]) == [tok.encode("ab"), tok.encode("cd")]
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_document_quoting_eot_does_not_split(tmp_path):
+    (tmp_path / "s").mkdir()
+    texts = [f"doc {i} mentions {EOT} in its text " * 3 for i in range(5)]
+    for i, t in enumerate(texts):
+        (tmp_path / "s" / f"{i}.txt").write_text(t)
+    s = prepare([str(tmp_path / "s")], tmp_path / "o", vocab_size=300, progress=False)
+    ids = np.concatenate(load_split(tmp_path / "o", "train") + load_split(tmp_path / "o", "val"))
+    assert int((ids == s["eot_id"]).sum()) == s["documents"] == 5
+
+
+def test_shards_dtype_and_counts(tmp_path, corpus):
+    src, _ = corpus
+    s = prepare([str(src)], tmp_path / "o", vocab_size=300, val_fraction=0.2, shard_tokens=500, progress=False)
+    shards = s["splits"]["train"]["shards"]
+    assert len(shards) > 1 and s["dtype"] == "uint16"
+    assert shards == [f"train_{i:05d}.bin" for i in range(len(shards))]
+    sizes = [(tmp_path / "o" / f).stat().st_size for f in shards]
+    assert sum(sizes) == 2 * s["splits"]["train"]["tokens"]  # 2 bytes a token
+    assert all(sz == 2 * 500 for sz in sizes[:-1]) and 0 < sizes[-1] <= 2 * 500
+    arrays = load_split(tmp_path / "o", "train")
+    assert [len(a) for a in arrays] == [sz // 2 for sz in sizes] and arrays[0].dtype == np.dtype("<u2")
+    assert not arrays[0].flags.writeable
+    assert int(max(a.max() for a in arrays)) < s["vocab_size"]
+    assert load_meta(tmp_path / "o") == {k: v for k, v in s.items() if k != "seconds"}
+    # The same corpus in one big shard holds the same tokens.
+    one = prepare([str(src)], tmp_path / "one", vocab_size=300, val_fraction=0.2, progress=False)
+    assert one["splits"]["train"]["shards"] == ["train_00000.bin"]
+    assert np.array_equal(np.concatenate(arrays), load_split(tmp_path / "one", "train")[0])
+
+
+def test_dtype_for():
+    assert dtype_for(8192) == np.uint16 and dtype_for(2**16) == np.uint16 and dtype_for(2**16 + 1) == np.uint32
+
+
+def test_jsonl_documents_and_bad_lines(tmp_path):
+    f = tmp_path / "x.jsonl"
+    lines = [json.dumps({"text": f"record {i}: " + " ".join(WORDS)}, ensure_ascii=False) for i in range(20)]
+    lines[3] = json.dumps({"text": "has a raw \u2028 line separator"}, ensure_ascii=False)
+    bad = ["{not json", json.dumps({"id": 3}), json.dumps({"text": 5}), json.dumps(["text"])]
+    f.write_text("\n".join(lines[:10] + bad + [""] + lines[10:]) + "\n", encoding="utf-8")
+    s = prepare([str(f)], tmp_path / "o", vocab_size=300, val_fraction=0.2, progress=False)
+    assert s["documents"] == 20 and s["skipped_jsonl_lines"] == 4 and s["files"] == 1
+    got = decode_docs(tmp_path / "o", "train") + decode_docs(tmp_path / "o", "val")
+    assert sorted(got) == sorted(json.loads(l)["text"] for l in lines)
+
+
+def test_split_keeps_one_val_and_one_train_document(tmp_path):
+    for i in range(2):
+        (tmp_path / f"{i}.txt").write_text(f"document number {i} " * 20)
+    s = prepare([str(tmp_path / "0.txt"), str(tmp_path / "1.txt")], tmp_path / "o", vocab_size=300,
+                val_fraction=1e-9, progress=False)
+    assert s["splits"]["val"]["documents"] == 1 and s["splits"]["train"]["documents"] == 1
+    one = prepare([str(tmp_path / "0.txt")], tmp_path / "one", vocab_size=300, val_fraction=0.99, progress=False)
+    assert one["splits"]["train"]["documents"] == 1 and one["splits"]["val"]["shards"] == []
+    assert load_split(tmp_path / "one", "val") == []
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare([str(tmp_path / "nowhere")], tmp_path / "o", progress=False)
+    (tmp_path / "t.txt").write_text("hello")
+    for bad in (100, 256, 2**32 + 1):
+        with pytest.raises(ValueError, match="vocab_size"):
+            prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=bad, progress=False)
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare([str(tmp_path / "t.txt")], tmp_path / "o", val_fraction=1.0, progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.bin").write_bytes(b"\x00")
+    (tmp_path / "empty" / "y.txt").write_bytes(b"\xff\xff")
+    with pytest.raises(ValueError, match="no documents"):
+        prepare([str(tmp_path / "empty")], tmp_path / "o", progress=False)
+    with pytest.raises(FileNotFoundError, match="stoker prepare"):
+        load_meta(tmp_path / "empty")
+    assert not (tmp_path / "o").exists()  # nothing half-written was left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "t.txt"]
+
+
+def test_replaces_only_prepared_data(tmp_path):
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=300, progress=False)
+    before = (tmp_path / "o" / "meta.json").read_bytes()
+    with pytest.raises(ValueError):
+        prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=100, progress=False)
+    assert (tmp_path / "o" / "meta.json").read_bytes() == before
+    (tmp_path / "o" / "stale.bin").write_bytes(b"x")
+    prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=260, progress=False)
+    assert not (tmp_path / "o" / "stale.bin").exists() and load_meta(tmp_path / "o")["vocab_size"] == 260
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split(tmp_path / "o", "test")
+    # A folder that is not a data directory is never deleted.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a prepared data directory"):
+        prepare([str(tmp_path / "t.txt")], tmp_path / "mine", vocab_size=300, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_progress_goes_to_stderr(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=300, progress=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_default_sources_is_the_stdlib():
+    (src,) = default_sources()
+    assert (src / "os.py").is_file() and "site-packages" not in str(src) and "dist-packages" not in str(src)
+
+
+def test_cli_prepare_bad_source_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stoker", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
