@@ -106,7 +106,6 @@ class StopFlag:
 @dataclass
 class Ctx:
     """Per-run pieces the loop's helpers share."""
-    cfg: Config
     info: DistInfo
     model: nn.Module
     autocast: contextlib.AbstractContextManager
@@ -160,9 +159,14 @@ def train(cfg: Config) -> dict:
     """Train (or resume) per `cfg`; returns a summary. Works for one process or under torchrun."""
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, info)
-    finally:
-        shutdown()
+        summary = _train(cfg, info)
+    except BaseException:
+        # No barrier on the way out: the other ranks may never reach it.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    shutdown()
+    return summary
 
 
 def _train(cfg: Config, info: DistInfo) -> dict:
@@ -195,7 +199,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
     local_batch = t.batch_size // dp_world
     micro = t.micro_batch_size or local_batch
-    ctx = Ctx(cfg, info, model, autocast, accum=local_batch // micro)
+    ctx = Ctx(info, model, autocast, accum=local_batch // micro)
     loader = DataLoader(train_windows, t.batch_size, t.seed, dp_rank, dp_world)
     val_loader = DataLoader(val_windows, t.batch_size, t.seed, dp_rank, dp_world, shuffle=False)
 
