@@ -115,9 +115,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.nproc > 1:
-            if cfg.parallel.dp not in (1, args.nproc):
+            par = cfg.parallel
+            if par.world not in (1, args.nproc):
                 raise ConfigError(
-                    f"parallel.dp_replicate x parallel.dp_shard = {cfg.parallel.dp} does not match --nproc {args.nproc}"
+                    f"parallel.pp={par.pp} x parallel.dp_replicate={par.dp_replicate} x parallel.dp_shard={par.dp_shard} "
+                    f"x parallel.tp={par.tp} = {par.world} does not match --nproc {args.nproc}"
                 )
             argv = ["train"] + ([args.config] if args.config else []) + overrides
             if cfg.train.device != "cuda":

@@ -74,6 +74,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 1
     progress: bool = True
+    compile: bool = False  # torch.compile each transformer block
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "log_every", "eval_batches"):
@@ -96,19 +97,78 @@ class TrainConfig:
             raise ConfigError("train.out_dir: must not be empty")
 
 
+PP_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b"]
+
+
 @dataclass
 class ParallelConfig:
+    # The mesh is (pp, dp_replicate, dp_shard, tp), tp innermost: its collectives are the most
+    # frequent, so it should span the fastest links (one node); dp_replicate spans the slowest.
     dp_replicate: int = 1  # DDP replicas (or HSDP replica groups when dp_shard > 1)
     dp_shard: int = 1  # FSDP2 shards
+    tp: int = 1  # tensor parallel (DTensor, with sequence parallel on the norms)
+    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining)
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # 0: 2 x the number of stages
+    pp_stages_per_rank: int = 2  # virtual stages per rank, interleaved-1f1b only
+    activation_checkpoint: str = "none"  # none | full | every-K (every K-th block)
+    # FSDP2 knobs: "true" frees gathered parameters after forward (least memory, gathers again
+    # in backward), "false" keeps them (no second all-gather), an int N re-shards to groups of
+    # N ranks (a second gather stays inside a node).
+    reshard_after_forward: str = "true"
+    fsdp_prefetch: int = 1  # blocks whose all-gather is issued ahead, forward and backward
+    param_dtype: str = "auto"  # FSDP compute dtype of gathered params; auto: train.dtype
+    reduce_dtype: str = "fp32"  # FSDP gradient reduce-scatter dtype
 
     def validate(self) -> None:
-        for name in ("dp_replicate", "dp_shard"):
+        for name in ("dp_replicate", "dp_shard", "tp", "pp", "pp_stages_per_rank", "fsdp_prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.pp_microbatches < 0:
+            raise ConfigError(f"parallel.pp_microbatches: must be >= 0, got {self.pp_microbatches}")
+        _choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        self.ac_every()  # validates
+        self.reshard()
+        _choice("parallel.param_dtype", self.param_dtype, ["auto", "fp32", "bf16"])
+        _choice("parallel.reduce_dtype", self.reduce_dtype, ["fp32", "bf16"])
 
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * (self.pp_stages_per_rank if self.pp_schedule == "interleaved-1f1b" else 1)
+
+    @property
+    def microbatches(self) -> int:
+        return self.pp_microbatches or 2 * self.n_stages
+
+    def ac_every(self) -> int:
+        """Checkpoint every k-th block's activations; 0 means none."""
+        a = self.activation_checkpoint
+        if a in ("none", "full"):
+            return {"none": 0, "full": 1}[a]
+        k = a.removeprefix("every-")
+        if not (a.startswith("every-") and k.isdigit() and int(k) >= 1):
+            raise ConfigError(f"parallel.activation_checkpoint: {a!r} is not valid; valid: none, full, every-K (K >= 1)")
+        return int(k)
+
+    def reshard(self) -> bool | int:
+        r = self.reshard_after_forward.lower()
+        if r in ("true", "false"):
+            return r == "true"
+        if not (r.isdigit() and int(r) >= 1):
+            raise ConfigError(f"parallel.reshard_after_forward: {r!r} is not valid; valid: true, false, or a group size N >= 1")
+        return int(r)
+
+    def describe(self) -> str:
+        parts = [f"{k}={getattr(self, k)}" for k in ("pp", "dp_replicate", "dp_shard", "tp")]
+        return " x ".join(parts)
 
 
 @dataclass
@@ -121,17 +181,39 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        t = self.train
-        if t.batch_size % self.parallel.dp:
+        t, par = self.train, self.parallel
+        if t.batch_size % par.dp:
             raise ConfigError(
                 f"train.batch_size: {t.batch_size} is not divisible by the data-parallel size "
-                f"{self.parallel.dp} (parallel.dp_replicate x parallel.dp_shard)"
+                f"{par.dp} (parallel.dp_replicate x parallel.dp_shard)"
             )
-        local = t.batch_size // self.parallel.dp
-        if t.micro_batch_size and local % t.micro_batch_size:
+        local = t.batch_size // par.dp
+        if par.pp > 1:
+            if local % par.microbatches:
+                raise ConfigError(
+                    f"parallel.pp_microbatches: {par.microbatches} does not divide the per-replica batch {local} "
+                    f"(train.batch_size {t.batch_size} / data-parallel size {par.dp})"
+                )
+            if t.micro_batch_size and t.micro_batch_size != local // par.microbatches:
+                raise ConfigError("train.micro_batch_size: with parallel.pp > 1 the pipeline's micro-batches are "
+                                  "set by parallel.pp_microbatches; leave train.micro_batch_size at 0")
+        elif t.micro_batch_size and local % t.micro_batch_size:
             raise ConfigError(
                 f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process batch {local} "
-                f"(train.batch_size {t.batch_size} / data-parallel size {self.parallel.dp})"
+                f"(train.batch_size {t.batch_size} / data-parallel size {par.dp})"
+            )
+        preset = PRESETS[self.model.preset]
+        n_head = self.model.n_head or preset.n_head
+        n_layer = self.model.n_layer or preset.n_layer
+        if n_head % par.tp:
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide the number of heads {n_head} (model.n_head)")
+        if par.tp > 1 and t.seq_len % par.tp:
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide train.seq_len {t.seq_len} "
+                              "(sequence parallel splits the sequence across the tp ranks)")
+        if par.n_stages > n_layer:
+            raise ConfigError(
+                f"parallel.pp: {par.pp} ranks x {par.n_stages // par.pp} stage(s) each = {par.n_stages} pipeline "
+                f"stages, more than the {n_layer} layers (model.n_layer); every stage needs a layer"
             )
         return self
 
@@ -174,6 +256,8 @@ def _coerce(key: str, typ: type, value: Any) -> Any:
             raise ConfigError(f"{key}: expected {tname}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is str and isinstance(value, (bool, int)):  # `reshard_after_forward = true` in TOML
+        return str(value).lower()
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {tname}, got {type(value).__name__} {value!r}")
     return value

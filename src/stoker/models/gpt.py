@@ -133,14 +133,25 @@ class GPT(nn.Module):
                     nn.init.zeros_(mod.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V)."""
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        """idx (B, T) token ids -> logits (B, T, V).
+
+        A pipeline stage is this module with some parts set to None (stoker.parallel.pipeline):
+        a stage without position embeddings takes hidden states (B, T, C) instead of ids, and
+        one without the head returns hidden states. (The last stage keeps `wte` only as its
+        tied head, so `wpe` is what marks the first.)
+        """
+        if self.wpe is not None:
+            B, T = idx.shape
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        else:
+            x = idx
         for block in self.blocks.values():
             x = block(x)
+        if self.lm_head is None:
+            return x
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 

@@ -48,18 +48,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, dev)
 
 
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
 def build_mesh(pcfg: ParallelConfig, info: DistInfo) -> DeviceMesh | None:
-    """A 2-D (dp_replicate, dp_shard) mesh; None for a single process."""
-    if pcfg.dp != info.world:
+    """A 4-D (pp, dp_replicate, dp_shard, tp) mesh, tp innermost; None for a single process."""
+    if pcfg.world != info.world:
         raise ConfigError(
-            f"parallel.dp_replicate={pcfg.dp_replicate} x parallel.dp_shard={pcfg.dp_shard} = {pcfg.dp} "
-            f"does not match the world size {info.world}"
+            f"parallel.pp={pcfg.pp} x parallel.dp_replicate={pcfg.dp_replicate} x parallel.dp_shard={pcfg.dp_shard} "
+            f"x parallel.tp={pcfg.tp} = {pcfg.world} does not match the world size {info.world}"
         )
     if info.world == 1:
         return None
-    return init_device_mesh(
-        info.device.type, (pcfg.dp_replicate, pcfg.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
-    )
+    return init_device_mesh(info.device.type, tuple(getattr(pcfg, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
 
 
 def dp_rank_world(mesh: DeviceMesh | None) -> tuple[int, int]:

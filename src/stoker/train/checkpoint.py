@@ -2,7 +2,9 @@
 
 Layout of one checkpoint, `<out_dir>/checkpoints/step_XXXXXXXX/`:
   DCP files        model and optimizer state, keyed by clean module paths (no wrapper
-                   prefixes), so a checkpoint written by N processes loads in M
+                   prefixes), the optimizer's flattened to one entry per parameter, so a
+                   checkpoint written under one layout (N processes, FSDP, TP, pipeline
+                   stages) loads under any other
   trainer.json     step, data-loader position, schedule, every rank's RNG states
 It is written under `.tmp_step_XXXXXXXX` and renamed when complete, so a crash mid-write
 never leaves a directory that looks finished.
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 # DCP warns on every single-process save/load that it assumes a single process: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -73,10 +75,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# Flattened optimizer state (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`): every entry
+# belongs to one parameter, so pipeline stages can each save and load their own subset.
+_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_dicts(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> list[tuple[dict, dict]]:
+    return [get_state_dict(m, o, options=_OPTS) for m, o in zip(parts, optimizers)]
+
+
 def save_checkpoint(
-    out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, keep_last: int
+    out_dir: str | Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+    trainer_state: dict, keep_last: int,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it with its model parts (whole model or pipeline stages)
+    and their optimizers. Returns the final directory."""
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -85,7 +98,10 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = {}, {}
+    for m, o in _state_dicts(parts, optimizers):
+        model_sd.update(m)
+        optim_sd.update(o)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
     if rngs is not None:
@@ -104,20 +120,31 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Collective: load model (and optimizer) state into an already parallelized model,
+def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
+                    optimizers: list[torch.optim.Optimizer] | None = None) -> dict:
+    """Collective: load model (and optimizer) state into already parallelized model parts,
     whatever layout wrote it; restore this rank's RNG state. Returns trainer.json."""
     path = Path(path)
     state = json.loads((path / "trainer.json").read_text())
-    if optimizer is None:
-        sd = {"model": model.state_dict()}
-        dcp.load(sd, checkpoint_id=str(path))
-        model.load_state_dict(sd["model"])
+    if isinstance(parts, nn.Module):
+        parts = [parts]
+    if optimizers is None:
+        for m in parts:
+            sd = {"model": m.state_dict()}
+            dcp.load(sd, checkpoint_id=str(path))
+            m.load_state_dict(sd["model"])
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
+        per_part = _state_dicts(parts, optimizers)
+        sd = {"model": {}, "optim": {}}
+        for m, o in per_part:
+            sd["model"].update(m)
+            sd["optim"].update(o)
         dcp.load(sd, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        # DCP fills tensors in place but replaces plain values (lr, step counts): take each
+        # part's entries back from the loaded dict.
+        for m, (msd, osd), opt in zip(parts, per_part, optimizers):
+            set_state_dict(m, opt, model_state_dict={k: sd["model"][k] for k in msd},
+                           optim_state_dict={k: sd["optim"][k] for k in osd}, options=_OPTS)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rngs = state["rng"]
     # On the same process count each rank gets its own state back; after a reshape the

@@ -16,13 +16,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor.parallel import loss_parallel
 
 from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
 from stoker.data.prepare import load_meta, load_split
 from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
 from stoker.parallel.mesh import DistInfo, build_mesh, dp_rank_world, init_distributed, shutdown
-from stoker.parallel.parallelize import parallelize, uses_fsdp
+from stoker.parallel.parallelize import apply_ddp, parallelize, uses_ddp
+from stoker.parallel.pipeline import TiedGradSync, build_schedule, build_stages
 from stoker.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from stoker.train.metrics import MetricsLog, peak_flops, plot_loss
 from stoker.train.schedule import lr_at, schedule_state
@@ -49,16 +51,32 @@ def build_model(gcfg: GPTConfig, seed: int, device: torch.device) -> GPT:
     return model.to(device)
 
 
-def build_sharded_model(gcfg: GPTConfig, seed: int, info: DistInfo, mesh, cfg: Config, param_dtype) -> nn.Module:
-    """Meta-device model, sharded, then materialised; rank 0 alone builds the initial weights
-    and broadcasts them, so no rank but the first ever holds the whole model."""
+def build_parts(gcfg: GPTConfig, cfg: Config, info: DistInfo, mesh) -> tuple[list[nn.Module], list[int]]:
+    """This rank's model parts (the whole model, or its pipeline stages) and their stage
+    indices, parallelized per cfg.parallel and initialised from train.seed.
+
+    Sharded layouts are built on the meta device, parallelized, then materialised: rank 0
+    alone builds the initial weights and broadcasts them, so every layout starts from the
+    same weights as one process, and no other rank ever holds the whole model.
+    """
+    t, pcfg = cfg.train, cfg.parallel
+    if mesh is None or uses_ddp(pcfg):
+        model = parallelize(build_model(gcfg, t.seed, info.device), mesh, pcfg, t.dtype, t.compile)
+        return [apply_ddp(model, mesh["dp_replicate"]) if mesh is not None else model], [0]
     with torch.device("meta"):
-        model = GPT(gcfg)
-    model = parallelize(model, mesh, cfg.parallel, param_dtype)
-    model.to_empty(device=info.device)
-    full = build_model(gcfg, seed, torch.device("cpu")).state_dict() if info.is_main else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
+        full = GPT(gcfg)
+    stages = build_stages(full, pcfg, mesh["pp"].get_local_rank()) if pcfg.pp > 1 else [(0, full)]
+    parts = []
+    init = build_model(gcfg, t.seed, torch.device("cpu")).state_dict() if info.is_main else {}
+    for _, m in stages:
+        m = parallelize(m, mesh, pcfg, t.dtype, t.compile)
+        m.to_empty(device=info.device)
+        if m.wte is not None and m.lm_head is not None:
+            m.tie_weights()
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(m, init, options=opts)
+        parts.append(m)
+    return parts, [s for s, _ in stages]
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -107,23 +125,32 @@ class StopFlag:
 class Ctx:
     """Per-run pieces the loop's helpers share."""
     info: DistInfo
-    model: nn.Module
+    parts: list[nn.Module]  # the whole model, or this rank's pipeline stages
     autocast: contextlib.AbstractContextManager
-    accum: int
+    accum: int  # micro-batches per step without a pipeline
+    tp: bool  # logits come split by vocabulary: the loss runs under loss_parallel
+    schedule: object | None = None  # the pipeline schedule
+    first: bool = True  # holds the first pipeline stage (takes the inputs)
+    last: bool = True  # holds the last (computes the loss)
+    pp_group: dist.ProcessGroup | None = None
+    tied: TiedGradSync | None = None
+    norm_skip: frozenset[int] = frozenset()  # ids of parameters whose norm another stage counts
+
+    def loss_context(self):
+        return loss_parallel() if self.tp else contextlib.nullcontext()
 
 
 def _micro_batches(x: torch.Tensor, y: torch.Tensor, n: int):
     return zip(x.chunk(n), y.chunk(n))
 
 
-def _sync_context(ctx: Ctx, last: bool):
+def _sync_context(model: nn.Module, last: bool):
     """Skip gradient reduction on all but the last micro-batch of a step."""
-    m = ctx.model
-    if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
-        m.set_requires_gradient_sync(last)
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-    if isinstance(m, nn.parallel.DistributedDataParallel) and not last:
-        return m.no_sync()
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
     return contextlib.nullcontext()
 
 
@@ -133,26 +160,88 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _pipeline_losses(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
+    """One pass of the schedule over the batch; the mean micro-batch loss on the last stage, 0 elsewhere."""
+    losses: list[torch.Tensor] = []
+    args = (x.to(ctx.info.device),) if ctx.first else ()
+    target = y.to(ctx.info.device) if ctx.last else None
+    run = ctx.schedule.step if train else ctx.schedule.eval
+    with ctx.loss_context(), ctx.autocast:
+        run(*args, target=target, losses=losses)
+    if not ctx.last:
+        return torch.zeros(1, device=ctx.info.device)
+    return torch.stack([_full(l.detach()).float() for l in losses]).mean().reshape(1)
+
+
+def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradients of the mean loss over this rank's share of the batch; returns that loss
+    where this rank computes it (every rank without a pipeline, the last stage with one)."""
+    if ctx.schedule is not None:
+        loss_sum = _pipeline_losses(ctx, x, y, train=True)
+        if ctx.tied is not None:
+            ctx.tied()
+        return loss_sum
+    model = ctx.parts[0]
+    loss_sum = torch.zeros(1, device=ctx.info.device)
+    for i, (xm, ym) in enumerate(_micro_batches(x, y, ctx.accum)):
+        with _sync_context(model, last=i == ctx.accum - 1), ctx.loss_context():
+            with ctx.autocast:
+                loss = loss_fn(model(xm.to(ctx.info.device)), ym.to(ctx.info.device)) / ctx.accum
+            loss.backward()
+        loss_sum += _full(loss.detach()).float()
+    return loss_sum
+
+
 @torch.no_grad()
-def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int) -> float:
-    ctx.model.eval()
+def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int, n_loss_ranks: int) -> float:
+    for m in ctx.parts:
+        m.eval()
     total = torch.zeros(1, device=ctx.info.device)
     for i in range(batches):
         x, y = loader.batch(i)
+        if ctx.schedule is not None:
+            total += _pipeline_losses(ctx, x, y, train=False)
+            continue
         for xm, ym in _micro_batches(x, y, ctx.accum):
-            with ctx.autocast:
-                total += loss_fn(ctx.model(xm.to(ctx.info.device)), ym.to(ctx.info.device)).float()
-    ctx.model.train()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return _all_reduce_sum(total).item() / (batches * ctx.accum * world)
+            with ctx.autocast, ctx.loss_context():
+                total += _full(loss_fn(ctx.parts[0](xm.to(ctx.info.device)), ym.to(ctx.info.device))).float() / ctx.accum
+    for m in ctx.parts:
+        m.train()
+    return _all_reduce_sum(total).item() / (batches * n_loss_ranks)
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (the loss under loss_parallel is a replicated one)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _clip(ctx: Ctx, max_norm: float) -> float:
+    """Global gradient norm over every rank's parameters (each counted once), and clipping to it."""
+    params = [p for m in ctx.parts for p in m.parameters() if p.grad is not None]
+    counted = [p.grad for p in params if id(p) not in ctx.norm_skip]
+    norm = _full(torch.nn.utils.get_total_norm(counted, norm_type=2.0))  # DTensor grads: reduced over their mesh
+    if ctx.pp_group is not None:  # each stage holds a disjoint part of the model
+        sq = norm.reshape(1) ** 2
+        dist.all_reduce(sq, group=ctx.pp_group)
+        norm = sq.sqrt()[0]
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+def state_bytes(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """Bytes this rank holds of parameters, gradients and optimizer state (local shards)."""
+    params = {id(p): p for m in parts for p in m.parameters()}.values()
+    out = {"params": sum(_local(p).numel() * _local(p).element_size() for p in params),
+           "grads": sum(_local(p.grad).numel() * _local(p.grad).element_size() for p in params if p.grad is not None)}
+    out["optimizer"] = sum(_local(v).numel() * _local(v).element_size() for o in optimizers for st in o.state.values()
+                           for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    return out
 
 
 def train(cfg: Config) -> dict:
@@ -170,12 +259,12 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, info: DistInfo) -> dict:
-    t = cfg.train
-    if info.world > 1 and cfg.parallel.dp == 1:
+    t, pcfg = cfg.train, cfg.parallel
+    if info.world > 1 and pcfg.world == 1:
         # Plain `torchrun --nproc_per_node N -m stoker train`: data parallel over all N (DDP).
-        cfg.parallel.dp_replicate = info.world
+        pcfg.dp_replicate = info.world
         cfg.validate()
-    mesh = build_mesh(cfg.parallel, info)
+    mesh = build_mesh(pcfg, info)
     dp_rank, dp_world = dp_rank_world(mesh)
     out = Path(t.out_dir)
 
@@ -187,21 +276,28 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         raise ConfigError(f"data.dir: {e}") from None
     gcfg = model_config(cfg, meta["vocab_size"])
 
-    bf16 = t.dtype == "bf16"
-    fsdp = mesh is not None and uses_fsdp(cfg.parallel)
-    if fsdp:
-        model = build_sharded_model(gcfg, t.seed, info, mesh, cfg, torch.bfloat16 if bf16 else None)
-        autocast = contextlib.nullcontext()  # FSDP2's mixed-precision policy casts the parameters instead
-    else:
-        model = parallelize(build_model(gcfg, t.seed, info.device), mesh, cfg.parallel, None)
-        autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    optimizer = build_optimizer(model, cfg)
+    parts, stage_ids = build_parts(gcfg, cfg, info, mesh)
+    optimizers = [build_optimizer(m, cfg) for m in parts]
+    fsdp = mesh is not None and not uses_ddp(pcfg) and pcfg.dp > 1
+    # FSDP2's mixed-precision policy casts the parameters; elsewhere bf16 is autocast.
+    bf16_autocast = t.dtype == "bf16" and not fsdp
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16_autocast else contextlib.nullcontext()
 
     local_batch = t.batch_size // dp_world
     micro = t.micro_batch_size or local_batch
-    ctx = Ctx(info, model, autocast, accum=local_batch // micro)
+    ctx = Ctx(info, parts, autocast, accum=local_batch // micro, tp=pcfg.tp > 1)
+    if pcfg.pp > 1:
+        pp_mesh = mesh["pp"]
+        ctx.schedule = build_schedule(parts, stage_ids, pcfg, pp_mesh, info.device, loss_fn)
+        ctx.first, ctx.last = 0 in stage_ids, pcfg.n_stages - 1 in stage_ids
+        ctx.pp_group = pp_mesh.get_group()
+        ctx.tied = TiedGradSync(parts, pp_mesh, info.device)
+        # The last stage's copy of the tied embedding is counted once, on the first stage.
+        ctx.norm_skip = frozenset(id(m.wte.weight) for m, s in zip(parts, stage_ids) if s != 0 and m.wte is not None)
     loader = DataLoader(train_windows, t.batch_size, t.seed, dp_rank, dp_world)
     val_loader = DataLoader(val_windows, t.batch_size, t.seed, dp_rank, dp_world, shuffle=False)
+    # Ranks whose loss enters the mean: one per (dp, tp) pair, each tp rank holding the same loss.
+    n_loss_ranks = dp_world * pcfg.tp
 
     start = 0
     ckpt = latest_checkpoint(out)
@@ -211,7 +307,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         if diff:
             raise ConfigError(f"train.out_dir: {out} holds a run of another model shape ({', '.join(diff)}); "
                               "use a new train.out_dir or the run's own model settings")
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, parts, optimizers)
         try:
             loader.load_state_dict(state["loader"])
         except ValueError as e:
@@ -234,11 +330,11 @@ def _train(cfg: Config, info: DistInfo) -> dict:
 
     def checkpoint(step: int) -> None:
         trainer_state = {"loader": loader.state_dict(), "schedule": schedule_state(t), "dtype": t.dtype,
-                         "world": info.world}
-        save_checkpoint(out, step, model, optimizer, trainer_state, t.keep_last)
+                         "world": info.world, "parallel": asdict(pcfg)}
+        save_checkpoint(out, step, parts, optimizers, trainer_state, t.keep_last)
 
     def run_eval(step: int) -> float:
-        v = evaluate_loss(ctx, val_loader, t.eval_batches)
+        v = evaluate_loss(ctx, val_loader, t.eval_batches, n_loss_ranks)
         if log:
             log.write({"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
         return v
@@ -249,34 +345,39 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     stop = StopFlag()
     loss_val = val = float("nan")
     rates: list[float] = []
+    memory: dict | None = None
     t_run = time.perf_counter()
     step = start
+    layout = pcfg.describe() + f" ({pcfg.pp_schedule})" * (pcfg.pp > 1) if mesh is not None else "single process"
     try:
         progress.note(
             f"stoker train: {cfg.model.preset} ({count_params(gcfg) / 1e6:.2f}M params), {info.world} process(es), "
-            f"{'FSDP2' if fsdp else 'DDP' if mesh is not None else 'single'}, {t.dtype}, "
+            f"{layout}, {t.dtype}, "
             f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {t.steps} steps"
         )
         while step < t.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, t)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for opt in optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = lr
             x, y = loader.batch(step)
-            loss_sum = torch.zeros(1, device=info.device)
-            for i, (xm, ym) in enumerate(_micro_batches(x, y, ctx.accum)):
-                with _sync_context(ctx, last=i == ctx.accum - 1), autocast:
-                    loss = loss_fn(model(xm.to(info.device)), ym.to(info.device)) / ctx.accum
-                loss.backward()
-                loss_sum += loss.detach().float()
-            gnorm = _clip(model, t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum = forward_backward(ctx, x, y)
+            gnorm = _clip(ctx, t.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            if memory is None:  # gradients and optimizer state exist now
+                memory = _gather_memory(parts, optimizers)
+                if info.is_main:
+                    (out / "layout.json").write_text(json.dumps(
+                        {"layout": layout, "world": info.world, "parallel": asdict(pcfg), "per_rank": memory}, indent=1))
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             step += 1
             loader.step = step
             # One collective carries both the loss and whether any rank was told to stop.
             red = _all_reduce_sum(torch.cat([loss_sum, torch.tensor([1.0 if stop.set else 0.0], device=info.device)]))
-            loss_val = red[0].item() / dp_world
+            loss_val = red[0].item() / n_loss_ranks
             stopping = red[1].item() > 0
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
@@ -306,8 +407,23 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         "steps": step, "start_step": start, "stopped_early": step < t.steps,
         "tokens": step * tokens_per_step, "train_loss": loss_val, "val_loss": val,
         "tokens_per_s": mean_tps, "mfu": mean_tps * fpt / peak, "seconds": elapsed,
-        "params": count_params(gcfg), "out_dir": str(out),
+        "params": count_params(gcfg), "out_dir": str(out), "layout": layout, "memory_per_rank": memory,
     }
+
+
+def _gather_memory(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+    """Every rank's model-state bytes (and peak resident memory), in rank order."""
+    import resource
+
+    mine = state_bytes(parts, optimizers)
+    mine["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_available() and parts[0].parameters().__next__().is_cuda:
+        mine["peak_cuda"] = torch.cuda.max_memory_allocated()
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 class _Progress:
