@@ -39,3 +39,16 @@ def losses(out: Path) -> dict[int, float]:
     """step -> train loss, from the run's metrics.jsonl."""
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+# Different layouts sum the same fp32 numbers in a different order (a mean of two half-batch
+# means, reduce-scatter instead of one backward, a matmul split in two): ~1e-7 relative per
+# operation. Adam keeps such differences at that scale over 20 steps (measured: <= 2e-6); 1e-4
+# leaves room for it while staying ~100x below the loss change of one step, so a wrong
+# gradient fails the test.
+LAYOUT_ATOL = 1e-4
+
+
+def assert_curves_close(a: dict, b: dict, steps, atol: float = LAYOUT_ATOL) -> None:
+    for s in steps:
+        assert abs(a[s] - b[s]) <= atol, (s, a[s], b[s])

@@ -153,14 +153,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
     from stoker.generate import generate
 
+    if args.tp < 1:
+        return _fail(f"--tp: must be >= 1, got {args.tp}")
+    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.tp, argv)  # this same command in each of tp processes
     try:
-        text = generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        text = generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                        tp=args.tp)
     except ConfigError as e:
         return _fail(str(e))
-    print(args.prompt + text)
+    finally:
+        from stoker.parallel.mesh import shutdown
+
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(args.prompt + text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stoker.generate import export
+
+    try:
+        path = export(args.run_dir, args.out)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -204,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     pg.add_argument("--top-k", type=int, default=50, help="sample from the K most likely tokens (0: all)")
     pg.add_argument("--seed", type=int, default=None)
+    pg.add_argument("--tp", type=int, default=1,
+                    help="split the model over N processes by tensor parallelism (launches torchrun)")
+
+    px = sub.add_parser("export", help="write a run's latest checkpoint as one safetensors file",
+                        description="Gather the latest checkpoint (written under any parallel layout) into one "
+                                    "plain safetensors file for inference; the model shape goes in its metadata.")
+    px.add_argument("run_dir", help="a train.out_dir")
+    px.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.safetensors)")
 
     pd = sub.add_parser("demo", help="prepare the stdlib corpus, train a small model, show a sample")
     pd.add_argument("--data-dir", default="data/stdlib")
@@ -223,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args, overrides)
-    return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    if args.command == "generate":
+        return cmd_generate(args, argv)
+    return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":

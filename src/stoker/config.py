@@ -210,6 +210,10 @@ class Config:
         if par.tp > 1 and t.seq_len % par.tp:
             raise ConfigError(f"parallel.tp: {par.tp} does not divide train.seq_len {t.seq_len} "
                               "(sequence parallel splits the sequence across the tp ranks)")
+        r = par.reshard()
+        if r is not True and r is not False and (r >= par.dp_shard or par.dp_shard % r):
+            raise ConfigError(f"parallel.reshard_after_forward: a group size must divide parallel.dp_shard "
+                              f"{par.dp_shard} and be smaller than it, got {r}")
         if par.n_stages > n_layer:
             raise ConfigError(
                 f"parallel.pp: {par.pp} ranks x {par.n_stages // par.pp} stage(s) each = {par.n_stages} pipeline "

@@ -1,9 +1,11 @@
-"""Load a trained run's latest checkpoint in one process: sample text, or measure val loss."""
+"""Load a trained run's latest checkpoint: sample text (in one process, or split across
+processes by tensor parallelism), measure val loss, or export the weights to safetensors."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,12 @@ from stoker.data.tokenizer import Tokenizer
 from stoker.models.gpt import GPT, GPTConfig, loss_fn
 from stoker.train.checkpoint import latest_checkpoint, load_checkpoint
 
+EXPORT_NAME = "model.safetensors"
 
-def load_trained(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, int]:
-    """(model in eval mode, tokenizer, step) from the run's latest checkpoint."""
+
+def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tuple[GPT, Tokenizer, int]:
+    """(model in eval mode, tokenizer, step) from the run's latest checkpoint, whatever layout
+    wrote it. With a tensor-parallel mesh (under torchrun), each rank loads only its shard."""
     out = Path(out_dir)
     if not (out / "model.json").is_file():
         raise ConfigError(f"{str(out)!r} is not a training run directory (no model.json); train one with `stoker train`")
@@ -28,6 +33,12 @@ def load_trained(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokeniz
     gcfg = GPTConfig(**json.loads((out / "model.json").read_text()))
     with torch.device("meta"):
         model = GPT(gcfg)
+    if tp_mesh is not None:
+        from stoker.parallel.parallelize import apply_tp
+
+        if gcfg.n_head % tp_mesh.size():
+            raise ConfigError(f"--tp: {tp_mesh.size()} does not divide the model's {gcfg.n_head} heads")
+        apply_tp(model, tp_mesh, sequence_parallel=False)
     model.to_empty(device=device)
     model.tie_weights()
     state = load_checkpoint(ckpt, model)
@@ -65,16 +76,61 @@ def sample(
 
 def generate(
     out_dir: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-    top_k: int | None = 50, seed: int | None = None,
+    top_k: int | None = 50, seed: int | None = None, tp: int = 1,
 ) -> str:
-    """The prompt's continuation from the latest checkpoint of `out_dir`."""
+    """The prompt's continuation from the latest checkpoint of `out_dir`.
+
+    tp > 1 splits the model over that many processes by tensor parallelism: call it in every
+    process of a torchrun launch of `tp` processes (`stoker generate --tp N` does that). Every
+    rank computes the same whole logits, so with one seed they all sample the same tokens.
+    """
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ConfigError(f"--temperature: must be >= 0, got {temperature}")
-    model, tok, _ = load_trained(out_dir)
+    mesh = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from stoker.parallel.mesh import init_distributed
+
+        info = init_distributed()
+        if info.world != tp:
+            raise ConfigError(f"--tp: {tp} does not match the {info.world} process(es) of this launch")
+        mesh = init_device_mesh(info.device.type, (tp,), mesh_dim_names=("tp",))
+        seed = 0 if seed is None else seed  # the ranks must draw the same samples
+    model, tok, _ = load_trained(out_dir, device="cuda" if mesh is not None and mesh.device_type == "cuda" else "cpu",
+                                 tp_mesh=mesh)
     ids = tok.encode(prompt) or [tok.eot_id]
     return tok.decode(sample(model, ids, max_new_tokens, temperature, top_k, seed, stop_id=tok.eot_id))
+
+
+def export(out_dir: str | Path, path: str | Path | None = None) -> Path:
+    """The latest checkpoint as one plain safetensors file for inference (tied head stored
+    once; the model's shape in the file's metadata). Default path: <out_dir>/model.safetensors."""
+    from safetensors.torch import save_model
+
+    model, _, step = load_trained(out_dir)
+    dest = Path(path) if path is not None else Path(out_dir) / EXPORT_NAME
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    save_model(model, str(tmp), metadata={"stoker_model": json.dumps(asdict(model.cfg)), "step": str(step)})
+    tmp.replace(dest)
+    return dest
+
+
+def load_exported(path: str | Path, device: str = "cpu") -> GPT:
+    """A model from a file written by `export`, in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "stoker_model" not in meta:
+        raise ConfigError(f"{str(path)!r} was not written by `stoker export` (no stoker_model metadata)")
+    model = GPT(GPTConfig(**json.loads(meta["stoker_model"])))
+    load_model(model, str(path), device=device)
+    return model.eval()
 
 
 @torch.no_grad()

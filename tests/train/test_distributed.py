@@ -8,20 +8,9 @@ import time
 
 import pytest
 
-from conftest import TINY, losses, run_train
-
-# Different layouts sum the same fp32 numbers in a different order (a mean of two half-batch
-# means, reduce-scatter instead of one backward): ~1e-7 relative per operation. Adam keeps
-# such differences at that scale over 20 steps (measured: <= 2e-6); 1e-4 leaves room for it
-# while staying ~100x below the loss change of one step, so a wrong gradient fails the test.
-LAYOUT_ATOL = 1e-4
+from conftest import LAYOUT_ATOL, TINY, assert_curves_close, losses, run_train
 
 pytestmark = pytest.mark.slow
-
-
-def assert_curves_close(a: dict, b: dict, steps, atol):
-    for s in steps:
-        assert abs(a[s] - b[s]) <= atol, (s, a[s], b[s])
 
 
 @pytest.fixture(scope="module")
