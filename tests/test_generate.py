@@ -56,3 +56,25 @@ def test_cli_generate_and_its_errors(run_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "stoker", "generate", str(run_dir), "--temperature", "-1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--temperature" in bad.stderr
+
+
+def test_export_writes_one_safetensors_file_with_the_same_model(run_dir, tmp_path):
+    from safetensors import safe_open
+
+    from stoker.generate import load_exported
+
+    dest = tmp_path / "m.safetensors"
+    cli = subprocess.run([sys.executable, "-m", "stoker", "export", str(run_dir), "--out", str(dest)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    with safe_open(str(dest), framework="pt") as f:
+        keys = set(f.keys())
+    assert "blocks.0.attn.q_proj.weight" in keys and len({"wte.weight", "lm_head.weight"} & keys) == 1  # tied: once
+    ref, _, _ = load_trained(run_dir)
+    got = load_exported(dest)
+    ids = torch.randint(0, ref.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(got(ids), ref(ids))  # the same weights, bit for bit
+    assert got.lm_head.weight is got.wte.weight
+    bad = subprocess.run([sys.executable, "-m", "stoker", "export", str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "none" in bad.stderr and "Traceback" not in bad.stderr

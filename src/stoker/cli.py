@@ -196,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stoker", description="Train, evaluate and sample GPT-style models.")
+    p = argparse.ArgumentParser(prog="stoker", description="Train, evaluate, sample and export GPT-style models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("prepare", help="text files -> BPE tokenizer + packed token shards",
@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--model.preset=tiny). Resumes from the latest checkpoint in train.out_dir. "
                                     "SIGTERM/SIGINT: finish the step, checkpoint, exit; a second one exits at once.")
     pt.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
-    pt.add_argument("--nproc", type=int, default=1, help="launch N processes under torchrun (data parallel)")
+    pt.add_argument("--nproc", type=int, default=1,
+                    help="launch N processes under torchrun; the parallel.* sizes split them (default: all DDP)")
 
     pe = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
     pe.add_argument("run_dir", help="a train.out_dir")

@@ -182,6 +182,23 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         t, par = self.train, self.parallel
+        preset = PRESETS[self.model.preset]
+        n_head = self.model.n_head or preset.n_head
+        n_layer = self.model.n_layer or preset.n_layer
+        if n_head % par.tp:
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide the number of heads {n_head} (model.n_head)")
+        if par.tp > 1 and t.seq_len % par.tp:
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide train.seq_len {t.seq_len} "
+                              "(sequence parallel splits the sequence across the tp ranks)")
+        r = par.reshard()
+        if r is not True and r is not False and (r >= par.dp_shard or par.dp_shard % r):
+            raise ConfigError(f"parallel.reshard_after_forward: a group size must divide parallel.dp_shard "
+                              f"{par.dp_shard} and be smaller than it, got {r}")
+        if par.n_stages > n_layer:
+            raise ConfigError(
+                f"parallel.pp: {par.pp} ranks x {par.n_stages // par.pp} stage(s) each = {par.n_stages} pipeline "
+                f"stages, more than the {n_layer} layers (model.n_layer); every stage needs a layer"
+            )
         if t.batch_size % par.dp:
             raise ConfigError(
                 f"train.batch_size: {t.batch_size} is not divisible by the data-parallel size "
@@ -201,23 +218,6 @@ class Config:
             raise ConfigError(
                 f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process batch {local} "
                 f"(train.batch_size {t.batch_size} / data-parallel size {par.dp})"
-            )
-        preset = PRESETS[self.model.preset]
-        n_head = self.model.n_head or preset.n_head
-        n_layer = self.model.n_layer or preset.n_layer
-        if n_head % par.tp:
-            raise ConfigError(f"parallel.tp: {par.tp} does not divide the number of heads {n_head} (model.n_head)")
-        if par.tp > 1 and t.seq_len % par.tp:
-            raise ConfigError(f"parallel.tp: {par.tp} does not divide train.seq_len {t.seq_len} "
-                              "(sequence parallel splits the sequence across the tp ranks)")
-        r = par.reshard()
-        if r is not True and r is not False and (r >= par.dp_shard or par.dp_shard % r):
-            raise ConfigError(f"parallel.reshard_after_forward: a group size must divide parallel.dp_shard "
-                              f"{par.dp_shard} and be smaller than it, got {r}")
-        if par.n_stages > n_layer:
-            raise ConfigError(
-                f"parallel.pp: {par.pp} ranks x {par.n_stages // par.pp} stage(s) each = {par.n_stages} pipeline "
-                f"stages, more than the {n_layer} layers (model.n_layer); every stage needs a layer"
             )
         return self
 
