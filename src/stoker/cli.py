@@ -152,13 +152,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
     from stoker.generate import generate
 
+    if args.run_dir is None:
+        return _fail("give a run directory, or --server URL to ask a running server")
     try:
         text = generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     except ConfigError as e:
         return _fail(str(e))
     print(args.prompt + text)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    from stoker.serve.client import Client, ServeError
+
+    try:
+        r = Client(args.server).generate(args.prompt, model=args.run_dir, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    except ServeError as e:
+        return _fail(f"{args.server}: {e}")
+    except OSError as e:
+        return _fail(f"{args.server}: cannot reach the server ({e})")
+    print(args.prompt + r["generated_text"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stoker.serve.server import serve
+
+    try:
+        serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+              max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb)
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     return 0
 
 
@@ -196,12 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--batches", type=int, default=16, help="val batches of 8 windows (default 16)")
 
     pg = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
-    pg.add_argument("run_dir", help="a train.out_dir")
+    pg.add_argument("run_dir", nargs="?", help="a train.out_dir (with --server: a model name, default the first)")
     pg.add_argument("--prompt", default="", help="text to continue")
     pg.add_argument("--max-new-tokens", type=int, default=200)
     pg.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     pg.add_argument("--top-k", type=int, default=50, help="sample from the K most likely tokens (0: all)")
     pg.add_argument("--seed", type=int, default=None)
+    pg.add_argument("--server", metavar="URL", help="ask a `stoker serve` server instead of loading the model "
+                                                    "(API key from $STOKER_API_KEY)")
+
+    ps = sub.add_parser("serve", help="serve run directories over HTTP with continuous batching",
+                        description="HTTP server: OpenAI-compatible POST /v1/completions, task API "
+                                    "/api/v1/task/text-generation and /api/v1/task/tokenization, GET /v1/models, "
+                                    "/health, /metrics (Prometheus). Models load on first request; the least "
+                                    "recently used is unloaded beyond --max-loaded.")
+    ps.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a train.out_dir, or NAME=RUN_DIR to alias it")
+    ps.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ps.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    ps.add_argument("--api-key", default=os.environ.get("STOKER_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default $STOKER_API_KEY; unset: no key)")
+    ps.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    ps.add_argument("--max-loaded", type=int, default=1, help="models resident at once (default 1)")
+    ps.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting per model before answering 429 (default 64)")
+    ps.add_argument("--kv-budget-mb", type=int, default=1024, help="KV cache memory per model in MiB (default 1024)")
 
     pd = sub.add_parser("demo", help="prepare the stdlib corpus, train a small model, show a sample")
     pd.add_argument("--data-dir", default="data/stdlib")
@@ -221,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args, overrides)
-    return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    return {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo,
+            "serve": cmd_serve}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -321,8 +321,13 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
           max_batch: int = 8, max_loaded: int = 1, max_queue: int = 64, kv_budget_mb: int = 1024,
           log_level: str = "info") -> None:
     """Serve `RUN_DIR` or `NAME=RUN_DIR` entries until interrupted (what `stoker serve` runs)."""
+    from stoker.config import ConfigError
     from stoker.serve.models import parse_models
 
+    for flag, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                               ("--kv-budget-mb", kv_budget_mb, 1)):
+        if value < least:
+            raise ConfigError(f"{flag}: must be >= {least}, got {value}")
     pool = ModelPool(parse_models(run_dirs), max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                      kv_budget_bytes=kv_budget_mb << 20)
     app = create_app(pool, api_key)
