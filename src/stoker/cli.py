@@ -154,8 +154,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.server:
+        return _generate_remote(args)
     from stoker.generate import generate
 
+    if args.run_dir is None:
+        return _fail("give a run directory, or --server URL to ask a running server")
     if args.tp < 1:
         return _fail(f"--tp: must be >= 1, got {args.tp}")
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:
@@ -185,6 +189,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    from stoker.serve.client import Client, ServeError
+
+    try:
+        r = Client(args.server).generate(args.prompt, model=args.run_dir, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    except ServeError as e:
+        return _fail(f"{args.server}: {e}")
+    except OSError as e:
+        return _fail(f"{args.server}: cannot reach the server ({e})")
+    print(args.prompt + r["generated_text"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stoker.serve.server import serve
+
+    try:
+        serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+              max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb)
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stoker.demo import demo
 
@@ -196,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stoker", description="Train, evaluate, sample and export GPT-style models.")
+    p = argparse.ArgumentParser(prog="stoker", description="Train, evaluate, sample, export and serve GPT-style models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("prepare", help="text files -> BPE tokenizer + packed token shards",
@@ -220,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--batches", type=int, default=16, help="val batches of 8 windows (default 16)")
 
     pg = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
-    pg.add_argument("run_dir", help="a train.out_dir")
+    pg.add_argument("run_dir", nargs="?", help="a train.out_dir (with --server: a model name, default the first)")
     pg.add_argument("--prompt", default="", help="text to continue")
     pg.add_argument("--max-new-tokens", type=int, default=200)
     pg.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -228,12 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--seed", type=int, default=None)
     pg.add_argument("--tp", type=int, default=1,
                     help="split the model over N processes by tensor parallelism (launches torchrun)")
+    pg.add_argument("--server", metavar="URL", help="ask a `stoker serve` server instead of loading the model "
+                                                    "(API key from $STOKER_API_KEY)")
 
     px = sub.add_parser("export", help="write a run's latest checkpoint as one safetensors file",
                         description="Gather the latest checkpoint (written under any parallel layout) into one "
                                     "plain safetensors file for inference; the model shape goes in its metadata.")
     px.add_argument("run_dir", help="a train.out_dir")
     px.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.safetensors)")
+
+    ps = sub.add_parser("serve", help="serve run directories over HTTP with continuous batching",
+                        description="HTTP server: OpenAI-compatible POST /v1/completions, task API "
+                                    "/api/v1/task/text-generation and /api/v1/task/tokenization, GET /v1/models, "
+                                    "/health, /metrics (Prometheus). Models load on first request; the least "
+                                    "recently used is unloaded beyond --max-loaded.")
+    ps.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a train.out_dir, or NAME=RUN_DIR to alias it")
+    ps.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ps.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    ps.add_argument("--api-key", default=os.environ.get("STOKER_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default $STOKER_API_KEY; unset: no key)")
+    ps.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    ps.add_argument("--max-loaded", type=int, default=1, help="models resident at once (default 1)")
+    ps.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting per model before answering 429 (default 64)")
+    ps.add_argument("--kv-budget-mb", type=int, default=1024, help="KV cache memory per model in MiB (default 1024)")
 
     pd = sub.add_parser("demo", help="prepare the stdlib corpus, train a small model, show a sample")
     pd.add_argument("--data-dir", default="data/stdlib")
@@ -255,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args, overrides)
     if args.command == "generate":
         return cmd_generate(args, argv)
-    return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}[args.command](args)
+    return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo,
+            "serve": cmd_serve}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Several models by name behind one server: loaded on first use, least recently used unloaded."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stoker.config import ConfigError
+from stoker.data.tokenizer import Tokenizer
+from stoker.generate import load_trained
+from stoker.serve.engine import Engine, Event, Handle, SamplingParams
+from stoker.serve.metrics import ServeMetrics
+from stoker.train.checkpoint import latest_checkpoint
+
+
+class UnknownModel(KeyError):
+    pass
+
+
+@dataclass
+class Model:
+    """A servable run directory: its tokenizer and context are known before its weights load."""
+
+    name: str
+    run_dir: Path
+    tokenizer: Tokenizer
+    context: int
+    engine: Engine | None = None
+    last_used: float = 0.0
+    loads: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_models(specs: Sequence[str]) -> dict[str, Path]:
+    """`RUN_DIR` or `NAME=RUN_DIR` -> {name: run_dir}; the name defaults to the directory's name."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        run_dir = Path(path if sep else spec)
+        name = name if sep else run_dir.resolve().name
+        if not name:
+            raise ConfigError(f"{spec!r}: empty model name; write NAME=RUN_DIR")
+        if name in out:
+            raise ConfigError(f"model name {name!r} is given twice; alias one as NAME=RUN_DIR")
+        if not (run_dir / "model.json").is_file():
+            raise ConfigError(f"{str(run_dir)!r} is not a training run directory (no model.json)")
+        if latest_checkpoint(run_dir) is None:
+            raise ConfigError(f"{str(run_dir)!r} holds no complete checkpoint yet")
+        out[name] = run_dir
+    if not out:
+        raise ConfigError("give at least one run directory to serve")
+    return out
+
+
+class ModelPool:
+    """Models by name; at most `max_loaded` engines resident (one more while an unloaded one
+    finishes the requests it already accepted)."""
+
+    def __init__(self, run_dirs: dict[str, Path], *, max_loaded: int = 1, metrics: ServeMetrics | None = None,
+                 **engine_kwargs):
+        if max_loaded < 1:
+            raise ConfigError(f"--max-loaded: must be >= 1, got {max_loaded}")
+        self.metrics = metrics or ServeMetrics()
+        self.max_loaded = max_loaded
+        self.engine_kwargs = engine_kwargs
+        self.models = {
+            name: Model(name, Path(d), Tokenizer.load(d), json.loads((Path(d) / "model.json").read_text())["block_size"])
+            for name, d in run_dirs.items()
+        }
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def get(self, name: str | None) -> Model:
+        """The named model (the first one when None); UnknownModel lists the valid names."""
+        if name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise UnknownModel(name)
+        return self.models[name]
+
+    def submit(self, name: str, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Event], None]) -> Handle:
+        """Load the model if needed (blocking), then queue the request on its engine."""
+        with self._lock:
+            return self._engine(self.models[name]).submit(prompt_ids, params, on_event)
+
+    def engine(self, name: str) -> Engine:
+        with self._lock:
+            return self._engine(self.models[name])
+
+    def _engine(self, m: Model) -> Engine:
+        m.last_used = time.monotonic()
+        if m.engine is None:
+            resident = sorted((x for x in self.models.values() if x.engine is not None), key=lambda x: x.last_used)
+            for old in resident[: max(0, len(resident) + 1 - self.max_loaded)]:
+                self._unload(old)
+            model, _, _ = load_trained(m.run_dir)
+            m.engine = Engine(model, m.tokenizer, metrics=self.metrics.for_model(m.name), **self.engine_kwargs)
+            m.loads += 1
+            self.metrics.loads.labels(m.name).inc()
+            self.metrics.loaded.labels(m.name).set(1)
+        return m.engine
+
+    def _unload(self, m: Model) -> None:
+        # Requests it already accepted still finish; the weights go when its thread ends.
+        m.engine.close(wait=False)
+        m.engine = None
+        self.metrics.loaded.labels(m.name).set(0)
+
+    def close(self) -> None:
+        with self._lock:
+            engines = [m.engine for m in self.models.values() if m.engine is not None]
+            for m in self.models.values():
+                if m.engine is not None:
+                    self._unload(m)
+        for e in engines:
+            e.close(wait=True)

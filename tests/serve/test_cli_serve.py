@@ -1,0 +1,58 @@
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from stoker.cli import main
+from stoker.generate import load_trained
+from stoker.serve.engine import Engine, SamplingParams
+
+PARAMS = {"max_tokens": 12, "temperature": 1.0, "seed": 21}
+
+
+@pytest.fixture(scope="module")
+def lru_server(serve_runs):
+    """`stoker serve` as users run it: both models, one resident at a time, any free port."""
+    cmd = [sys.executable, "-m", "stoker", "serve", str(serve_runs[0]), f"b={serve_runs[1]}", "--port", "0",
+           "--max-loaded", "1", "--max-batch", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+    assert m, line + proc.stderr.read()
+    yield m.group(1)
+    proc.terminate()
+    proc.wait(30)
+
+
+def expected(run_dir, prompt: str) -> str:
+    model, tok, _ = load_trained(run_dir)
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        return engine.generate(tok.encode(prompt), SamplingParams(**PARAMS)).text
+    finally:
+        engine.close()
+
+
+def test_max_loaded_one_alternates_loads_and_answers_right(lru_server, serve_runs):
+    want = {"alpha": expected(serve_runs[0], "def "), "b": expected(serve_runs[1], "def ")}
+    assert want["alpha"] != want["b"]  # the two models tell themselves apart
+    assert httpx.get(f"{lru_server}/health").json()["loaded"] == []
+    for name in ["alpha", "b", "alpha", "b", "b"]:
+        r = httpx.post(f"{lru_server}/v1/completions", json={"model": name, "prompt": "def ", **PARAMS}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[name]
+        assert httpx.get(f"{lru_server}/health").json()["loaded"] == [name]
+    metrics = httpx.get(f"{lru_server}/metrics").text
+    loads = dict(re.findall(r'^stoker_model_loads_total\{model="(\w+)"\} (\S+)$', metrics, re.M))
+    assert loads == {"alpha": "2.0", "b": "2.0"}  # the repeated "b" reused the resident model
+
+
+def test_serve_user_errors_exit_2(tmp_path, serve_runs, capsys):
+    for args, needle in [([str(tmp_path)], "model.json"), ([str(serve_runs[0]), "--max-batch", "0"], "--max-batch"),
+                         ([f"x={serve_runs[0]}", f"x={serve_runs[1]}"], "twice")]:
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err

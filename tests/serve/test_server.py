@@ -1,0 +1,176 @@
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from stoker.generate import load_trained
+from stoker.serve.client import Client, ServeError
+from stoker.serve.engine import Engine, SamplingParams
+from stoker.serve.models import ModelPool, parse_models
+from stoker.serve.server import BackgroundServer, create_app
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(serve_runs):
+    """Both models, an API key, room for 4 sequences."""
+    pool = ModelPool(parse_models([str(serve_runs[0]), str(serve_runs[1])]), max_loaded=2, max_batch=4)
+    with BackgroundServer(create_app(pool, api_key=KEY)) as url:
+        yield url
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def reference(serve_runs):
+    """Completions from an engine driven directly, same settings as the server: what a right answer is."""
+    model, tok, _ = load_trained(serve_runs[0])
+    engine = Engine(model, tok, max_batch=4)
+
+    def complete(prompt: str, **kw) -> str:
+        return engine.generate(tok.encode(prompt), SamplingParams(**kw)).text
+
+    yield complete, tok
+    engine.close()
+
+
+def sse_text(url: str, body: dict) -> tuple[str, list[dict]]:
+    chunks = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [l for l in r.iter_lines() if l]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert line.startswith("data: ")
+        chunks.append(json.loads(line[6:]))
+    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), chunks
+
+
+def test_openai_completions_over_plain_http(server, reference):
+    complete, tok = reference
+    body = {"model": "alpha", "prompt": "import os\n", "max_tokens": 12, "temperature": 0.8, "top_p": 0.95, "seed": 3}
+    r = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "text_completion" and out["model"] == "alpha" and out["id"].startswith("cmpl-")
+    (choice,) = out["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop")
+    assert choice["text"] == complete("import os\n", max_tokens=12, temperature=0.8, top_p=0.95, seed=3)
+    n_prompt = len(tok.encode("import os\n"))
+    assert out["usage"]["prompt_tokens"] == n_prompt
+    assert 1 <= out["usage"]["completion_tokens"] <= 12
+    assert out["usage"]["total_tokens"] == n_prompt + out["usage"]["completion_tokens"]
+    listed = httpx.get(f"{server}/v1/models", headers=AUTH).json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["alpha", "beta"]
+
+
+def test_streaming_returns_the_same_text_as_non_streaming(server):
+    for i, body in enumerate([
+        {"prompt": "def ", "max_tokens": 30, "temperature": 1.0, "seed": 1},
+        {"prompt": "class A:\n", "max_tokens": 30, "temperature": 1.0, "seed": 2, "stop": ["e", "\n\n"]},
+        {"prompt": "x", "max_tokens": 8, "temperature": 0},
+    ]):
+        plain = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=60).json()
+        streamed, chunks = sse_text(server, {**body, "stream_options": {"include_usage": True}})
+        assert streamed == plain["choices"][0]["text"]
+        assert len(chunks) > 2  # it did arrive in pieces
+        assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+        assert chunks[-1]["usage"] == plain["usage"]
+    assert plain["choices"][0]["finish_reason"] == "length"
+
+
+def test_task_api(server, reference):
+    complete, tok = reference
+    c = Client(server, api_key=KEY)
+    text = "for key, value in items():"
+    t = c.tokenize(text, model="alpha")
+    assert t["token_ids"] == tok.encode(text) and t["token_count"] == len(t["token_ids"])
+    assert "".join(t["tokens"]) == text
+    g = c.generate(text, model="alpha", max_new_tokens=10, temperature=0.7, top_k=20, seed=5)
+    assert g["generated_text"] == complete(text, max_tokens=10, temperature=0.7, top_k=20, seed=5)
+    assert g["input_token_count"] == t["token_count"] and 1 <= g["generated_token_count"] <= 10
+    assert "".join(c.stream(text, model="alpha", max_tokens=10, temperature=0.7, top_k=20, seed=5)) == g["generated_text"]
+
+
+def test_errors_name_the_problem_and_the_server_keeps_answering(server, reference):
+    complete, _ = reference
+    good = {"model": "alpha", "prompt": "import ", "max_tokens": 6, "temperature": 0.9, "seed": 4}
+    expected = complete("import ", max_tokens=6, temperature=0.9, seed=4)
+    cases = [
+        ({**good, "max_tokens": 0}, AUTH, 422, "max_tokens"),
+        ({**good, "temperature": "hot"}, AUTH, 422, "temperature"),
+        ({"model": "alpha"}, AUTH, 422, "prompt"),
+        ({**good, "prompt": "x = 1\n" * 40}, AUTH, 400, "context"),
+        ({**good, "model": "gamma"}, AUTH, 404, "alpha, beta"),
+        (good, {}, 401, "API key"),
+        (good, {"Authorization": "Bearer wrong"}, 401, "API key"),
+    ]
+    for body, headers, status, needle in cases:
+        r = httpx.post(f"{server}/v1/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == status, r.text
+        assert needle in r.json()["error"]["message"]
+        ok = httpx.post(f"{server}/v1/completions", json=good, headers=AUTH, timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == expected
+    bad_json = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
+    assert bad_json.status_code == 422
+    assert httpx.get(f"{server}/metrics").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200  # open, for load balancers
+    with pytest.raises(ServeError) as e:
+        Client(server, api_key=KEY).complete("x", model="gamma")
+    assert e.value.status == 404
+
+
+def test_a_flood_beyond_the_queue_gets_429_then_service_resumes(serve_runs, reference):
+    complete, _ = reference
+    pool = ModelPool(parse_models([str(serve_runs[0])]), max_batch=1, max_queue=1)
+    body = {"prompt": "def ", "max_tokens": 40, "temperature": 1.0, "seed": 8}
+
+    async def flood(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(12)))
+
+    with BackgroundServer(create_app(pool)) as url:
+        httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 1})  # load the model first
+        answers = asyncio.run(flood(url))
+        codes = [r.status_code for r in answers]
+        assert 429 in codes and 200 in codes, codes
+        for r in answers:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1 and "retry" in r.json()["error"]["message"]
+        expected = complete("def ", max_tokens=40, temperature=1.0, seed=8)
+        assert all(r.json()["choices"][0]["text"] == expected for r in answers if r.status_code == 200)
+        after = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == expected
+        metrics = httpx.get(f"{url}/metrics").text
+    pool.close()
+    assert re.search(r'stoker_requests_total\{endpoint="/v1/completions",status="429"\} [1-9]', metrics)
+
+
+def test_metrics_report_traffic(server):
+    httpx.post(f"{server}/v1/completions", json={"prompt": "a", "max_tokens": 3}, headers=AUTH, timeout=60)
+    text = httpx.get(f"{server}/metrics", headers=AUTH).text
+    assert re.search(r'^stoker_requests_total\{endpoint="/v1/completions",status="200"\} [1-9]', text, re.M)
+    for name in ("stoker_queue_depth", "stoker_batch_size_bucket", "stoker_generated_tokens_total",
+                 "stoker_tokens_per_second", "stoker_time_to_first_token_seconds_bucket",
+                 "stoker_request_latency_seconds_bucket", "stoker_model_loaded"):
+        assert re.search(rf'^{name}\{{.*model="alpha".*\}} ', text, re.M), name
+    assert re.search(r'^stoker_model_loaded\{model="alpha"\} 1\.0$', text, re.M)
+    generated = float(re.search(r'^stoker_generated_tokens_total\{model="alpha"\} (\S+)$', text, re.M).group(1))
+    assert generated >= 3
+
+
+def test_cli_generate_asks_the_server(server, reference):
+    complete, _ = reference
+    cmd = [sys.executable, "-m", "stoker", "generate", "alpha", "--server", server, "--prompt", "import ",
+           "--max-new-tokens", "8", "--temperature", "0.5", "--top-k", "30", "--seed", "11"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STOKER_API_KEY": KEY})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "import " + complete("import ", max_tokens=8, temperature=0.5, top_k=30, seed=11) + "\n"
+    r = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "STOKER_API_KEY"})
+    assert r.returncode == 2 and "401" in r.stderr and "Traceback" not in r.stderr
