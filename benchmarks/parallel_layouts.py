@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stoker.config import load_config
+
 LAYOUTS = {
     "1 process": [],
     "DDP 2": ["--parallel.dp_replicate=2"],
@@ -39,12 +41,7 @@ LAYOUTS = {
 
 
 def nproc(args: list[str]) -> int:
-    n = 1
-    for a in args:
-        key, value = a.removeprefix("--parallel.").split("=")
-        if key in ("tp", "pp", "dp_shard", "dp_replicate"):
-            n *= int(value)
-    return n
+    return load_config(overrides=args).parallel.world
 
 
 def ensure_data(path: Path) -> Path:

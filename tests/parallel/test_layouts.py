@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LAYOUT_ATOL, assert_curves_close, losses, run_train
+from stoker.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +40,7 @@ LAYOUTS = {
 
 
 def _nproc(args: list[str]) -> int:
-    n = 1
-    for a in args:
-        key, value = a.removeprefix("--parallel.").split("=")
-        if key in ("tp", "pp", "dp_shard", "dp_replicate"):
-            n *= int(value)
-    return n
+    return load_config(overrides=args).parallel.world
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -367,7 +367,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             for opt in optimizers:
                 opt.step()
             if memory is None:  # gradients and optimizer state exist now
-                memory = _gather_memory(parts, optimizers)
+                memory = _gather_memory(parts, optimizers, info.device)
                 if info.is_main:
                     (out / "layout.json").write_text(json.dumps(
                         {"layout": layout, "world": info.world, "parallel": asdict(pcfg), "per_rank": memory}, indent=1))
@@ -411,14 +411,14 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     }
 
 
-def _gather_memory(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> list[dict]:
+def _gather_memory(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], device: torch.device) -> list[dict]:
     """Every rank's model-state bytes (and peak resident memory), in rank order."""
     import resource
 
     mine = state_bytes(parts, optimizers)
     mine["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if torch.cuda.is_available() and parts[0].parameters().__next__().is_cuda:
-        mine["peak_cuda"] = torch.cuda.max_memory_allocated()
+    if device.type == "cuda":
+        mine["peak_cuda"] = torch.cuda.max_memory_allocated(device)
     if not dist.is_initialized():
         return [mine]
     everyone = [None] * dist.get_world_size()
