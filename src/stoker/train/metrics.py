@@ -73,11 +73,18 @@ def peak_flops(device: torch.device, dtype: str, cache: bool = True) -> float:
     if key in known:
         return float(known[key])
     threads = torch.get_num_threads()
-    torch.set_num_threads(cores)
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     try:
-        known[key] = measure_matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        torch.set_num_threads(cores)
+        every_core = measure_matmul_flops(tdtype)
+        # One core times the count: another process busy on some cores slows the all-core
+        # probe but not this one (it lands on a free core), and a peak cached from a busy
+        # moment would inflate every later MFU. On an idle machine the two agree within a few %.
+        torch.set_num_threads(1)
+        one_core = measure_matmul_flops(tdtype, seconds=0.5) * cores
     finally:
         torch.set_num_threads(threads)
+    known[key] = max(every_core, one_core)
     if cache:
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
