@@ -115,3 +115,10 @@ def test_tp_blocks_forward_and_backward_match_unsharded(tmp_path):
         # split or a missing reduction is off by O(1).
         assert errs["out"] < 1e-10, (name, errs)
         assert errs["grads"] and max(errs["grads"].values()) < 1e-10, (name, errs)
+
+
+def test_compiled_blocks_match_eager(small_data, tmp_path, reference):
+    # torch.compile (inductor, CPU) fuses elementwise ops and may reorder their fp32 sums:
+    # agreement at the layouts' tolerance, not bit for bit.
+    run_train(small_data, tmp_path / "run", "--train.steps=4", f"--train.decay_steps={STEPS}", "--train.compile=true")
+    assert_curves_close(losses(tmp_path / "run"), losses(reference), range(1, 5), LAYOUT_ATOL)
