@@ -100,3 +100,9 @@ def test_stage_modules_hold_their_parts_under_the_full_model_names():
     assert set().union(*names.values()) == full  # nothing lost, nothing renamed
     assert "wte.weight" in names[0] and "wte.weight" in names[3]  # the tied head's copy
     assert "wpe.weight" in names[0] and not any(n.startswith(("wpe", "ln_f")) for n in names[1] | names[2])
+
+
+def test_generate_tp_that_does_not_divide_heads_is_refused_before_launch(tmp_path):
+    (tmp_path / "model.json").write_text('{"n_head": 4}')
+    r = run_cli("generate", str(tmp_path), "--tp", "3")
+    assert r.returncode == 2 and "--tp: 3" in r.stderr and "4 heads" in r.stderr and "Traceback" not in r.stderr
