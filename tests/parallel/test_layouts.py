@@ -33,6 +33,7 @@ LAYOUTS = {
     "fsdp2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
     "pp2_fsdp2": ["--parallel.pp=2", "--parallel.dp_shard=2"],
     "tp2_pp2": ["--parallel.tp=2", "--parallel.pp=2"],
+    "pp2_fsdp2_tp2": ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"],  # 3-D, 8 processes
     # The FSDP knobs and activation checkpointing change when and what is computed, not the result.
     "fsdp2_knobs_ac": ["--parallel.dp_shard=2", "--parallel.reshard_after_forward=false",
                        "--parallel.fsdp_prefetch=2", "--parallel.activation_checkpoint=every-2"],
