@@ -71,6 +71,11 @@ def dp_rank_world(mesh: DeviceMesh | None) -> tuple[int, int]:
     return rep.get_local_rank() * shard.size() + shard.get_local_rank(), rep.size() * shard.size()
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         # Without a barrier first, a fast rank tearing down gloo can abort a slow one.

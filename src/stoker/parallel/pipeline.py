@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from stoker.config import ParallelConfig
+from stoker.parallel.mesh import local_shard
 from stoker.models.gpt import GPT
 
 
@@ -115,7 +116,7 @@ class TiedGradSync:
         self.weight = owners[0].wte.weight if owners else None
         shape = [None]
         if pp_mesh.get_local_rank() == 0:  # holds the first stage, hence wte
-            shape = [tuple(_local(self.weight).shape)]
+            shape = [tuple(local_shard(self.weight).shape)]
         dist.broadcast_object_list(shape, group=self.group, group_src=0)
         self.zeros = None if owners else torch.zeros(shape[0], device=device)
 
@@ -128,9 +129,5 @@ class TiedGradSync:
                 # Under tensor parallel the embedding's gradient can come out replicated while
                 # the head's is split by vocabulary: bring both to the parameter's layout.
                 w.grad = w.grad.redistribute(w.device_mesh, w.placements)
-            buf = _local(w.grad)
+            buf = local_shard(w.grad)
         dist.all_reduce(buf, group=self.group)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t

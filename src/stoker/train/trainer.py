@@ -22,7 +22,7 @@ from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
 from stoker.data.prepare import load_meta, load_split
 from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
-from stoker.parallel.mesh import DistInfo, build_mesh, dp_rank_world, init_distributed, shutdown
+from stoker.parallel.mesh import DistInfo, build_mesh, dp_rank_world, init_distributed, local_shard, shutdown
 from stoker.parallel.parallelize import apply_ddp, parallelize, uses_ddp
 from stoker.parallel.pipeline import TiedGradSync, build_schedule, build_stages
 from stoker.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -210,11 +210,6 @@ def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int, n_loss_ranks: int)
     return _all_reduce_sum(total).item() / (batches * n_loss_ranks)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a plain tensor as it is)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor (the loss under loss_parallel is a replicated one)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -236,11 +231,14 @@ def _clip(ctx: Ctx, max_norm: float) -> float:
 
 def state_bytes(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes this rank holds of parameters, gradients and optimizer state (local shards)."""
+    def nbytes(t: torch.Tensor) -> int:
+        t = local_shard(t)
+        return t.numel() * t.element_size()
+
     params = {id(p): p for m in parts for p in m.parameters()}.values()
-    out = {"params": sum(_local(p).numel() * _local(p).element_size() for p in params),
-           "grads": sum(_local(p.grad).numel() * _local(p.grad).element_size() for p in params if p.grad is not None)}
-    out["optimizer"] = sum(_local(v).numel() * _local(v).element_size() for o in optimizers for st in o.state.values()
-                           for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    out = {"params": sum(nbytes(p) for p in params), "grads": sum(nbytes(p.grad) for p in params if p.grad is not None)}
+    out["optimizer"] = sum(nbytes(v) for o in optimizers for st in o.state.values() for v in st.values()
+                           if torch.is_tensor(v) and v.dim() > 0)
     return out
 
 
