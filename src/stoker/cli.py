@@ -163,15 +163,12 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
     if args.tp < 1:
         return _fail(f"--tp: must be >= 1, got {args.tp}")
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:
-        import json
-        from pathlib import Path
+        from stoker.generate import run_model_config
 
-        spec = Path(args.run_dir) / "model.json"
-        if not spec.is_file():
-            return _fail(f"{args.run_dir!r} is not a training run directory (no model.json)")
-        n_head = json.loads(spec.read_text())["n_head"]
-        if n_head % args.tp:  # checked here: a failure in every worker would read as a crash
-            return _fail(f"--tp: {args.tp} does not divide the model's {n_head} heads")
+        try:
+            run_model_config(args.run_dir, args.tp)  # here: a failure in every worker would read as a crash
+        except ConfigError as e:
+            return _fail(str(e))
         return _launch(args.tp, argv)  # this same command in each of tp processes
     try:
         text = generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,

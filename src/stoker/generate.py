@@ -21,23 +21,32 @@ from stoker.train.checkpoint import latest_checkpoint, load_checkpoint
 EXPORT_NAME = "model.safetensors"
 
 
+def run_model_config(out_dir: str | Path, tp: int = 1) -> GPTConfig:
+    """The model shape a run directory records; ConfigError if it is not a run or tp does not
+    divide its heads."""
+    spec = Path(out_dir) / "model.json"
+    if not spec.is_file():
+        raise ConfigError(f"{str(out_dir)!r} is not a training run directory (no model.json); "
+                          "train one with `stoker train`")
+    gcfg = GPTConfig(**json.loads(spec.read_text()))
+    if gcfg.n_head % tp:
+        raise ConfigError(f"--tp: {tp} does not divide the model's {gcfg.n_head} heads")
+    return gcfg
+
+
 def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tuple[GPT, Tokenizer, int]:
     """(model in eval mode, tokenizer, step) from the run's latest checkpoint, whatever layout
     wrote it. With a tensor-parallel mesh (under torchrun), each rank loads only its shard."""
     out = Path(out_dir)
-    if not (out / "model.json").is_file():
-        raise ConfigError(f"{str(out)!r} is not a training run directory (no model.json); train one with `stoker train`")
+    gcfg = run_model_config(out, tp=tp_mesh.size() if tp_mesh is not None else 1)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise ConfigError(f"{str(out)!r} holds no complete checkpoint yet")
-    gcfg = GPTConfig(**json.loads((out / "model.json").read_text()))
     with torch.device("meta"):
         model = GPT(gcfg)
     if tp_mesh is not None:
         from stoker.parallel.parallelize import apply_tp
 
-        if gcfg.n_head % tp_mesh.size():
-            raise ConfigError(f"--tp: {tp_mesh.size()} does not divide the model's {gcfg.n_head} heads")
         apply_tp(model, tp_mesh, sequence_parallel=False)
     model.to_empty(device=device)
     model.tie_weights()

@@ -103,6 +103,6 @@ def test_stage_modules_hold_their_parts_under_the_full_model_names():
 
 
 def test_generate_tp_that_does_not_divide_heads_is_refused_before_launch(tmp_path):
-    (tmp_path / "model.json").write_text('{"n_head": 4}')
+    (tmp_path / "model.json").write_text('{"n_layer": 4, "n_embd": 32, "n_head": 4}')
     r = run_cli("generate", str(tmp_path), "--tp", "3")
     assert r.returncode == 2 and "--tp: 3" in r.stderr and "4 heads" in r.stderr and "Traceback" not in r.stderr
