@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 
-from stoker.config import ConfigError, load_config
+from stoker.config import ConfigError, config_help, load_config
 
 USAGE_ERROR = 2
 
@@ -121,6 +121,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
                     f"parallel.pp={par.pp} x parallel.dp_replicate={par.dp_replicate} x parallel.dp_shard={par.dp_shard} "
                     f"x parallel.tp={par.tp} = {par.world} does not match --nproc {args.nproc}"
                 )
+            if par.world == 1:
+                par.dp_replicate = args.nproc  # what the workers will run: data parallel over all of them
+                cfg.validate()  # a batch that N processes cannot split: one line here, not one per worker
             argv = ["train"] + ([args.config] if args.config else []) + overrides
             if cfg.train.device != "cuda":
                 import torch
@@ -138,6 +141,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from rich.console import Console
 
         Console().print(train_table(summary))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(cfg.to_toml(), end="")
     return 0
 
 
@@ -244,13 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     pp.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
 
-    pt = sub.add_parser("train", help="train or resume a model",
-                        description="Train per CONFIG.toml and --section.key=value overrides (e.g. --train.steps=100 "
-                                    "--model.preset=tiny). Resumes from the latest checkpoint in train.out_dir. "
-                                    "SIGTERM/SIGINT: finish the step, checkpoint, exit; a second one exits at once.")
+    keys = ("config keys, with their defaults (a [section] key in CONFIG.toml, or --section.key=value):\n"
+            + config_help())
+    pt = sub.add_parser("train", help="train or resume a model", formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train per CONFIG.toml and --section.key=value overrides (e.g. --train.steps=100\n"
+                                    "--model.preset=tiny). Resumes from the latest checkpoint in train.out_dir.\n"
+                                    "SIGTERM/SIGINT: finish the step, checkpoint, exit; a second one exits at once.",
+                        epilog=keys)
     pt.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
     pt.add_argument("--nproc", type=int, default=1,
                     help="launch N processes under torchrun; the parallel.* sizes split them (default: all DDP)")
+
+    pc = sub.add_parser("config", help="print the resolved config as TOML",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Resolve defaults, CONFIG.toml and --section.key=value overrides as `stoker train`\n"
+                                    "does, validate them, and print the result as TOML that `stoker train` reads.",
+                        epilog=keys)
+    pc.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
 
     pe = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
     pe.add_argument("run_dir", help="a train.out_dir")
@@ -300,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides: list[str] = []
-    if argv[:1] == ["train"]:
+    if argv[:1] in (["train"], ["config"]):
         try:
             argv, overrides = _split_overrides(argv)
         except ConfigError as e:
@@ -308,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args, overrides)
+    if args.command == "config":
+        return cmd_config(args, overrides)
     if args.command == "generate":
         return cmd_generate(args, argv)
     return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo,

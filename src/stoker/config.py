@@ -7,6 +7,8 @@ bad field ends with one line naming it and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
+import textwrap
 import tomllib
 import types
 import typing
@@ -23,14 +25,18 @@ class ConfigError(ValueError):
     """A user error in the configuration; the CLI prints it on one line and exits 2."""
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A field with its one-sentence meaning, which `stoker train --help` lists."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    preset: str = "debug"
-    # Optional overrides of the preset's shape; unset means the preset's value.
-    n_layer: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    dropout: float = 0.0
+    preset: str = _opt("debug", f"architecture and size: {', '.join(PRESETS)}")
+    n_layer: int | None = _opt(None, "transformer blocks (unset: the preset's)")
+    n_embd: int | None = _opt(None, "embedding width (unset: the preset's)")
+    n_head: int | None = _opt(None, "attention heads, dividing model.n_embd (unset: the preset's)")
+    dropout: float = _opt(0.0, "dropout probability during training, 0 to 1")
 
     def validate(self) -> None:
         _choice("model.preset", self.preset, list(PRESETS))
@@ -43,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = "data/stdlib"
+    dir: str = _opt("data/stdlib", "a directory written by `stoker prepare` (tokenizer and token shards)")
 
     def validate(self) -> None:
         if not self.dir:
@@ -52,29 +58,32 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 16  # global, in sequences
-    micro_batch_size: int = 0  # per process and forward pass; 0 means batch_size / data-parallel size
-    seq_len: int = 256
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    decay_steps: int = 0  # length of the cosine decay; 0 means train.steps (set it to extend a run later)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 1337
-    dtype: str = "fp32"
-    device: str = "auto"
-    out_dir: str = "runs/default"
-    ckpt_every: int = 100  # 0: only at the end and on SIGTERM/SIGINT
-    keep_last: int = 2
-    eval_every: int = 100  # 0: only at the end
-    eval_batches: int = 4
-    log_every: int = 1
-    progress: bool = True
-    compile: bool = False  # torch.compile each transformer block
+    steps: int = _opt(200, "optimizer steps to train to (a resumed run continues up to this one)")
+    batch_size: int = _opt(16, "sequences per optimizer step, over all data-parallel processes")
+    micro_batch_size: int = _opt(
+        0, "most sequences per forward pass per process: the largest divisor of the per-process batch up to "
+           "this is used and the rest accumulated (with a pipeline, it bounds the pipeline's micro-batches); "
+           "0: the whole per-process batch")
+    seq_len: int = _opt(256, "tokens per sequence (the model's context length)")
+    lr: float = _opt(1e-3, "peak learning rate of AdamW")
+    min_lr_ratio: float = _opt(0.1, "the cosine decay ends at train.lr times this")
+    warmup_steps: int = _opt(20, "steps of linear warm-up to train.lr")
+    decay_steps: int = _opt(0, "length of the cosine decay in steps; 0: train.steps (set it to extend a run later)")
+    weight_decay: float = _opt(0.1, "AdamW weight decay of matrices and embeddings (not biases or norms)")
+    beta1: float = _opt(0.9, "AdamW decay rate of the gradient's running mean")
+    beta2: float = _opt(0.95, "AdamW decay rate of the squared gradient's running mean")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    seed: int = _opt(1337, "seed of the initial weights and of the data order")
+    dtype: str = _opt("fp32", "compute dtype: fp32, or bf16 (autocast, or FSDP2 mixed precision)")
+    device: str = _opt("auto", "auto (cuda when there is one), cpu or cuda")
+    out_dir: str = _opt("runs/default", "run directory (checkpoints, metrics, config); a run there is resumed")
+    ckpt_every: int = _opt(100, "checkpoint every N steps; 0: only at the end and on SIGTERM/SIGINT")
+    keep_last: int = _opt(2, "checkpoints kept; older ones are deleted")
+    eval_every: int = _opt(100, "validation loss every N steps; 0: only at the end")
+    eval_batches: int = _opt(4, "validation batches per evaluation")
+    log_every: int = _opt(1, "write a metrics line every N steps")
+    progress: bool = _opt(True, "show a progress bar (false: only plain lines)")
+    compile: bool = _opt(False, "torch.compile each transformer block")
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "log_every", "eval_batches"):
@@ -104,21 +113,24 @@ PP_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b"]
 class ParallelConfig:
     # The mesh is (pp, dp_replicate, dp_shard, tp), tp innermost: its collectives are the most
     # frequent, so it should span the fastest links (one node); dp_replicate spans the slowest.
-    dp_replicate: int = 1  # DDP replicas (or HSDP replica groups when dp_shard > 1)
-    dp_shard: int = 1  # FSDP2 shards
-    tp: int = 1  # tensor parallel (DTensor, with sequence parallel on the norms)
-    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining)
-    pp_schedule: str = "1f1b"
-    pp_microbatches: int = 0  # 0: 2 x the number of stages
-    pp_stages_per_rank: int = 2  # virtual stages per rank, interleaved-1f1b only
-    activation_checkpoint: str = "none"  # none | full | every-K (every K-th block)
-    # FSDP2 knobs: "true" frees gathered parameters after forward (least memory, gathers again
-    # in backward), "false" keeps them (no second all-gather), an int N re-shards to groups of
-    # N ranks (a second gather stays inside a node).
-    reshard_after_forward: str = "true"
-    fsdp_prefetch: int = 1  # blocks whose all-gather is issued ahead, forward and backward
-    param_dtype: str = "auto"  # FSDP compute dtype of gathered params; auto: train.dtype
-    reduce_dtype: str = "fp32"  # FSDP gradient reduce-scatter dtype
+    dp_replicate: int = _opt(1, "data-parallel replicas: DDP, or HSDP replica groups when parallel.dp_shard > 1")
+    dp_shard: int = _opt(1, "FSDP2 shards: parameters, gradients and optimizer state split over this many ranks")
+    tp: int = _opt(1, "tensor-parallel ranks (DTensor, sequence parallel on the norms), dividing model.n_head")
+    pp: int = _opt(1, "pipeline-parallel ranks (torch.distributed.pipelining), the layers split into stages")
+    pp_schedule: str = _opt("1f1b", f"pipeline schedule: {', '.join(PP_SCHEDULES)}")
+    pp_microbatches: int = _opt(
+        0, "pipeline micro-batches per step, dividing the per-replica batch; 0: the fewest that divide it, "
+           "at least 2 x the stages (with train.micro_batch_size: at least the stages, none larger than it)")
+    pp_stages_per_rank: int = _opt(2, "virtual pipeline stages per rank, interleaved-1f1b only")
+    activation_checkpoint: str = _opt(
+        "none", "recompute activations in backward: none, full, or every-K (every K-th block)")
+    # A second gather inside a node (N) is cheap where the links between nodes are slow.
+    reshard_after_forward: str = _opt(
+        "true", "FSDP2: true frees gathered parameters after forward (least memory), false keeps them "
+                "(no second all-gather), N keeps them sharded over groups of N ranks")
+    fsdp_prefetch: int = _opt(1, "FSDP2: blocks whose all-gather is issued ahead, forward and backward")
+    param_dtype: str = _opt("auto", "FSDP2 compute dtype of gathered parameters: auto (train.dtype), fp32, bf16")
+    reduce_dtype: str = _opt("fp32", "FSDP2 gradient reduce-scatter dtype: fp32 or bf16")
 
     def validate(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "pp_stages_per_rank", "fsdp_prefetch"):
@@ -144,9 +156,14 @@ class ParallelConfig:
     def n_stages(self) -> int:
         return self.pp * (self.pp_stages_per_rank if self.pp_schedule == "interleaved-1f1b" else 1)
 
-    @property
-    def microbatches(self) -> int:
-        return self.pp_microbatches or 2 * self.n_stages
+    def schedule_problem(self, microbatches: int) -> str:
+        """Why torch's pipeline schedule would refuse this many micro-batches ("" if it runs them)."""
+        if self.pp_schedule == "1f1b" and microbatches < self.n_stages:
+            return f"1f1b needs at least one micro-batch per stage ({self.n_stages})"
+        rounds = max(1, microbatches // self.pp)
+        if self.pp_schedule == "interleaved-1f1b" and microbatches % rounds:
+            return f"interleaved-1f1b needs a multiple of its rounds (micro-batches // parallel.pp = {rounds})"
+        return ""
 
     def ac_every(self) -> int:
         """Checkpoint every k-th block's activations; 0 means none."""
@@ -180,7 +197,13 @@ class Config:
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            section = getattr(self, f.name)
+            for sf in dataclasses.fields(section):
+                v = getattr(section, sf.name)
+                # NaN passes every comparison-based range check below, and inf most of them.
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{f.name}.{sf.name}: must be a finite number, got {v}")
+            section.validate()
         t, par = self.train, self.parallel
         preset = PRESETS[self.model.preset]
         n_head = self.model.n_head or preset.n_head
@@ -206,26 +229,83 @@ class Config:
             )
         local = t.batch_size // par.dp
         if par.pp > 1:
-            if local % par.microbatches:
+            if par.pp_microbatches and local % par.pp_microbatches:
                 raise ConfigError(
-                    f"parallel.pp_microbatches: {par.microbatches} does not divide the per-replica batch {local} "
+                    f"parallel.pp_microbatches: {par.pp_microbatches} does not divide the per-replica batch {local} "
                     f"(train.batch_size {t.batch_size} / data-parallel size {par.dp})"
                 )
-            if t.micro_batch_size and t.micro_batch_size != local // par.microbatches:
-                raise ConfigError("train.micro_batch_size: with parallel.pp > 1 the pipeline's micro-batches are "
-                                  "set by parallel.pp_microbatches; leave train.micro_batch_size at 0")
-        elif t.micro_batch_size and local % t.micro_batch_size:
-            raise ConfigError(
-                f"train.micro_batch_size: {t.micro_batch_size} does not divide the per-process batch {local} "
-                f"(train.batch_size {t.batch_size} / data-parallel size {par.dp})"
-            )
+            n = self.batch_split().count
+            if problem := par.schedule_problem(n):
+                if par.pp_microbatches:
+                    raise ConfigError(f"parallel.pp_microbatches: {n} does not fit parallel.pp_schedule: {problem}")
+                raise ConfigError(f"train.batch_size: no count of micro-batches dividing the per-replica batch {local} "
+                                  f"fits parallel.pp_schedule ({problem}); change the batch size or the schedule")
         return self
+
+    def batch_split(self) -> BatchSplit:
+        """How each data-parallel replica cuts its share of the batch. train.micro_batch_size is
+        an upper bound rather than a divisor, so that one config runs under any layout whose
+        data-parallel size divides train.batch_size."""
+        t, par = self.train, self.parallel
+        local, cap = t.batch_size // par.dp, t.micro_batch_size
+        if par.pp == 1:
+            micro = max(d for d in _divisors(local) if d <= (cap or local))
+            note = (f"train.micro_batch_size={cap}: micro-batches of {micro}, the largest size up to it that "
+                    f"divides the per-process batch {local}") if cap and micro != cap else ""
+            return BatchSplit(local, micro, local // micro, note)
+        if par.pp_microbatches:
+            n = par.pp_microbatches
+            note = (f"train.micro_batch_size={cap} ignored: parallel.pp_microbatches={n} sets the pipeline's "
+                    f"micro-batches ({n} of {local // n})") if cap else ""
+            return BatchSplit(local, local // n, n, note)
+        # Enough micro-batches to keep every stage busy; with the default, enough that the
+        # pipeline's fill and drain are a small part of the step.
+        least = max(par.n_stages, -(-local // cap)) if cap else 2 * par.n_stages
+        n = next((d for d in _divisors(local) if d >= least and not par.schedule_problem(d)), local)
+        note = "" if not cap or n * cap == local else (
+            f"train.micro_batch_size={cap}: the pipeline runs {n} micro-batches of {local // n}, the fewest "
+            f"(at least one per stage) that divide the per-replica batch {local}")
+        return BatchSplit(local, local // n, n, note)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in dataclasses.asdict(self).items()}
 
+    def to_toml(self) -> str:
+        """The config as TOML that `load_config` reads back to an equal config."""
+        return tomli_w.dumps(self.to_dict())
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(tomli_w.dumps(self.to_dict()))
+        Path(path).write_text(self.to_toml())
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """One data-parallel replica's share of a step's batch, cut into micro-batches."""
+    local: int  # sequences per replica: train.batch_size / data-parallel size
+    micro: int  # sequences per forward pass (per pipeline micro-batch with a pipeline)
+    count: int  # local / micro: gradient-accumulation passes, or the pipeline's micro-batches
+    note: str = ""  # where train.micro_batch_size was not taken as given: what was used instead
+
+
+def config_help() -> str:
+    """Every config key with its default and meaning, one per line, from the dataclasses."""
+    rows = []
+    for sec in dataclasses.fields(Config):
+        for f in dataclasses.fields(sec.default_factory):
+            rows.append((f"{sec.name}.{f.name} = {_toml_value(f.default)}", f.metadata["help"]))
+    width = max(len(k) for k, _ in rows)
+    wrap = textwrap.TextWrapper(width=100, subsequent_indent=" " * (width + 4))
+    return "\n".join(wrap.fill(f"  {k:<{width}}  {h}") for k, h in rows)
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return "(unset)"
+    return tomli_w.dumps({"v": v}).partition(" = ")[2].strip()
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _choice(name: str, value: Any, valid: list[str]) -> None:

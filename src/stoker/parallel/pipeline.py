@@ -92,14 +92,15 @@ def build_stages(model: GPT, pcfg: ParallelConfig, pp_rank: int) -> list[tuple[i
 
 
 def build_schedule(parts: list[nn.Module], stage_ids: list[int], pcfg: ParallelConfig, pp_mesh: DeviceMesh,
-                   device: torch.device, loss_fn: Callable):
+                   device: torch.device, loss_fn: Callable, n_microbatches: int):
     """The pipeline schedule over this rank's stage modules (already parallelized and
-    materialized). `step(x)` on the first stage, `step(target=y, losses=[])` on the last."""
+    materialized), cutting each batch into `n_microbatches` (see `Config.batch_split`).
+    `step(x)` on the first stage, `step(target=y, losses=[])` on the last."""
     group = pp_mesh.get_group()
     stages = [PipelineStage(m, s, pcfg.n_stages, device, group=group) for m, s in zip(parts, stage_ids)]
     # scale_grads: each micro-batch's loss is a mean; dividing by their count makes the
     # accumulated gradient that of the whole batch's mean, as without a pipeline.
-    kw = dict(n_microbatches=pcfg.microbatches, loss_fn=loss_fn, scale_grads=True)
+    kw = dict(n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True)
     if pcfg.pp_schedule == "interleaved-1f1b":
         return ScheduleInterleaved1F1B(stages, **kw)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[pcfg.pp_schedule]
