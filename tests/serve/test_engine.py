@@ -157,3 +157,59 @@ def test_the_context_bounds_prompts_and_generation(sharp_model):
         engine.close()
     # 60 prompt tokens in a 64-token context leave room for 4 new ones.
     assert end.finish_reason == "length" and end.completion_tokens == 4 and len(end.token_ids) == 4
+
+
+def test_a_poisoned_request_fails_alone(sharp_model):
+    """Values that slip past validation, and a sampler that breaks mid-generation, end their own
+    request with an error; eight concurrent good ones finish exactly as they would alone."""
+    model, tok = sharp_model
+    engine = Engine(model, tok, max_batch=4)
+    real_pick = engine._pick
+
+    def pick(seq, logits):  # a fault in the decode step of one sequence of a full batch
+        if seq.params.seed == 666 and seq.sampled == 3:
+            raise RuntimeError("poisoned")
+        return real_pick(seq, logits)
+
+    engine._pick = pick
+    prompts = [tok.encode(p) for p in PROMPTS] * 2
+    good = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=s) for s in range(5)] + [
+        SamplingParams(max_tokens=12, temperature=1e-300),  # tiny: divides to inf
+        SamplingParams(max_tokens=12, top_p=5e-324),  # keeps nothing unless the top token stays
+        SamplingParams(max_tokens=12, seed=2**70 + 3),  # beyond the generator's 64 bits
+    ]
+    poison = {2: SamplingParams(max_tokens=12, seed=666), 5: SamplingParams(max_tokens=12, seed="boom")}
+    try:
+        solo = [engine.generate(p, sp) for p, sp in zip(prompts, good)]
+        greedy = [engine.generate(p, SamplingParams(max_tokens=12, temperature=0)) for p in prompts[5:7]]
+        seed3 = engine.generate(prompts[7], SamplingParams(max_tokens=12, seed=3))
+        mixed = list(zip(prompts, good))
+        for i, sp in poison.items():  # in between, so that they share batches with good ones
+            mixed.insert(i, (prompts[0], sp))
+        busy = run_staggered(engine, [p for p, _ in mixed], [sp for _, sp in mixed], joins=[0] * len(mixed))
+        after = engine.generate(prompts[0], good[0])
+    finally:
+        engine.close()
+    for i in poison:
+        assert busy[i].finish_reason == "error"
+    assert [b.token_ids for i, b in enumerate(busy) if i not in poison] == [s.token_ids for s in solo]
+    assert all(s.finish_reason == "length" and len(s.token_ids) == 12 for s in solo)
+    assert [s.token_ids for s in solo[5:7]] == [g.token_ids for g in greedy]
+    assert solo[7].token_ids == seed3.token_ids  # 2**70 + 3 is 3 modulo 2**64
+    assert after.token_ids == solo[0].token_ids
+
+
+def test_a_failing_callback_stops_only_its_own_request(sharp_model):
+    model, tok = sharp_model
+    engine = Engine(model, tok, max_batch=2)
+
+    def broken(ev: Event) -> None:
+        raise RuntimeError("the listener is gone")
+
+    try:
+        ids = tok.encode(PROMPTS[1])
+        alone = engine.generate(ids, GREEDY)
+        engine.submit(ids, GREEDY, broken)
+        assert engine.generate(ids, GREEDY).token_ids == alone.token_ids
+    finally:
+        engine.close()

@@ -44,17 +44,17 @@ class EngineClosed(Exception):
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0: greedy; any value > 0 samples (tiny ones pick the top token)
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # any integer; taken modulo 2**64
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -260,20 +260,32 @@ class Engine:
 
     def _step(self, admitted: list[_Seq]) -> None:
         for seq in admitted:
-            seq.kv = torch.empty(self.cfg.n_layer, 2, self.cfg.n_head, seq.cap, self.cfg.head_dim,
-                                 device=self.device, dtype=self.dtype)
-            if seq.params.seed is not None:
-                seq.gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-            logits = self._prefill(seq)
-            self._active.append(seq)
-            self._advance(seq, logits)
+            self._active.append(seq)  # before it starts, so that _release frees its cache even if it fails
+            self._guarded(seq, self._start, seq)
         self._release()
         if self._active:
             self.metrics.batch_size(len(self._active))
             logits = self._decode(self._active)
             for seq, row in zip(self._active, logits):
-                self._advance(seq, row)
+                self._guarded(seq, self._advance, seq, row)
             self._release()
+
+    def _guarded(self, seq: _Seq, work: Callable, *args) -> None:
+        """Do one sequence's own work; should it fail, that sequence alone ends, with an error."""
+        try:
+            work(*args)
+        except Exception as e:
+            if not seq.done:
+                self._finish(seq, "", "error", error=f"{type(e).__name__}: {e}")
+
+    def _start(self, seq: _Seq) -> None:
+        seq.kv = torch.empty(self.cfg.n_layer, 2, self.cfg.n_head, seq.cap, self.cfg.head_dim,
+                             device=self.device, dtype=self.dtype)
+        if seq.params.seed is not None:
+            # Any integer is a seed: taken modulo 2**64, which leaves the generator's own range
+            # [-2**63, 2**64) as it was (a negative seed is its two's complement there too).
+            seq.gen = torch.Generator(device=self.device).manual_seed(seq.params.seed % 2**64)
+        self._advance(seq, self._prefill(seq))
 
     def _release(self) -> None:
         keep = []
@@ -328,18 +340,22 @@ class Engine:
     def _pick(self, seq: _Seq, logits: torch.Tensor) -> int:
         """One token from logits (V,) under the request's sampling parameters."""
         p = seq.params
-        logits = logits.float()
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # In float64 and from the maximum down: any temperature > 0, however small, then gives
+        # 0 for the top logit and -inf for the others (a greedy pick), never inf - inf = nan.
+        logits = logits.double()
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, -math.inf)
         probs = torch.softmax(logits, -1)
         if p.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
-            # Drop a token when the more likely ones already reach top_p; the first always stays.
+            # Drop a token when the more likely ones already reach top_p; the first always stays,
+            # however small top_p, so some probability is always left to sample from.
             drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+            drop[0] = False
             probs = probs.scatter(0, order[drop], 0.0)
         return int(torch.multinomial(probs, 1, generator=seq.gen))
 
@@ -371,10 +387,18 @@ class Engine:
             hold = max([k for s in seq.params.stop for k in range(1, min(len(s), end + 1))
                         if text[end - k: end] == s[:k]], default=0)
             safe = max(end - hold, seq.sent)
-            seq.on_event(Event(text[seq.sent: safe], [tok]))
+            self._emit(seq, Event(text[seq.sent: safe], [tok]))
             seq.sent = safe
 
     def _finish(self, seq: _Seq, text: str, reason: str, ids: list[int] | None = None, error: str | None = None) -> None:
         seq.done = True
-        seq.on_event(Event(text, ids or [], reason, len(seq.prompt), seq.sampled, error))
+        self._emit(seq, Event(text, ids or [], reason, len(seq.prompt), seq.sampled, error))
         self.metrics.finished(time.perf_counter() - seq.t_submit, reason)
+
+    def _emit(self, seq: _Seq, ev: Event) -> None:
+        try:
+            seq.on_event(ev)
+        except Exception:
+            # The caller's callback failed (its event loop closed, say): nobody is listening, so
+            # stop generating for it, and never let it fail the sequences of other callers.
+            seq.cancelled = True
