@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from stoker.config import ConfigError, config_help, load_config
+from stoker.errors import RunError
 
 USAGE_ERROR = 2
 
@@ -89,7 +90,11 @@ def _launch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stoker", *argv]
     # Its own session: a terminal's Ctrl-C reaches torchrun only through us, once.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    from stoker.parallel.mesh import end_with_parent
+
+    # Killed with SIGKILL, we cannot relay anything: the kernel tells torchrun instead, which
+    # stops its workers (and they end with it, see init_distributed).
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=end_with_parent)
     signals = []
 
     def relay(signum, frame):
@@ -320,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except RunError as e:  # the run cannot go on (full disk, divergence, damaged file): say why, once
+        print(f"stoker: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides: list[str] = []
     if argv[:1] in (["train"], ["config"]):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from stoker.config import load_config
+from stoker.config import ConfigError, load_config
+from stoker.runs import DEMO_MARK
 
 
 def _steps_for(minutes: float, cfg) -> int:
@@ -47,6 +48,28 @@ def _fastest_dtype() -> tuple[str, str]:
     return verdict, f"measured matmul peak: bf16 {bf16 / 1e12:.2f}, fp32 {fp32 / 1e12:.2f} TFLOP/s"
 
 
+# Written into the demo's run directory: the demo restarts from scratch by deleting only a
+# directory that holds this mark, never one it did not create.
+MARK = DEMO_MARK
+
+
+def _fresh_out_dir(data_dir: Path, out_dir: Path) -> None:
+    """Empty `out_dir` for a new demo run, or ConfigError when it is not the demo's to empty."""
+    data, out = data_dir.resolve(), out_dir.resolve()
+    if out == data or out in data.parents or data in out.parents:
+        raise ConfigError(f"--out-dir {str(out_dir)!r} and --data-dir {str(data_dir)!r} overlap; "
+                          "give the run a directory of its own")
+    if out_dir.is_file() or out_dir.is_symlink():
+        raise ConfigError(f"--out-dir {str(out_dir)!r} is not a directory; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / MARK).is_file():
+            raise ConfigError(f"--out-dir {str(out_dir)!r} is not empty and was not made by `stoker demo`; "
+                              "choose a new or empty directory")
+        shutil.rmtree(out_dir)  # the demo always starts from scratch
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARK).write_text("made by `stoker demo`; it deletes and rebuilds this directory on each run\n")
+
+
 def demo(data_dir: str = "data/stdlib", out_dir: str = "runs/demo", minutes: float = 3.0) -> dict:
     from rich.console import Console
 
@@ -56,6 +79,7 @@ def demo(data_dir: str = "data/stdlib", out_dir: str = "runs/demo", minutes: flo
     from stoker.train.trainer import train
 
     console = Console()
+    _fresh_out_dir(Path(data_dir), Path(out_dir))  # before any work: a refusal costs nothing
     if not (Path(data_dir) / "meta.json").is_file():
         console.print(f"[bold]1/3 prepare[/]: the Python standard library's sources -> {data_dir}")
         console.print(summary_table(prepare(None, data_dir)))
@@ -70,7 +94,6 @@ def demo(data_dir: str = "data/stdlib", out_dir: str = "runs/demo", minutes: flo
     cfg = load_config(overrides=overrides)
     steps = _steps_for(minutes, cfg)
     cfg = load_config(overrides=dict(overrides, **{"train.steps": steps}))
-    shutil.rmtree(out_dir, ignore_errors=True)  # the demo always starts from scratch
     console.print(f"[bold]2/3 train[/]: preset tiny, {dtype} ({why}), {steps} steps (~{minutes:g} min) -> {out_dir}")
     summary = train(cfg)
     console.print(train_table(summary))

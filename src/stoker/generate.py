@@ -14,9 +14,10 @@ import torch
 from stoker.config import ConfigError, load_config
 from stoker.data.loader import TokenWindows
 from stoker.data.prepare import load_split
+from stoker.data.tokenizer import FILENAME as TOKENIZER_FILE
 from stoker.data.tokenizer import Tokenizer
 from stoker.models.gpt import GPT, GPTConfig, loss_fn
-from stoker.train.checkpoint import latest_checkpoint, load_checkpoint
+from stoker.train.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
 
 EXPORT_NAME = "model.safetensors"
 
@@ -39,9 +40,10 @@ def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tupl
     wrote it. With a tensor-parallel mesh (under torchrun), each rank loads only its shard."""
     out = Path(out_dir)
     gcfg = run_model_config(out, tp=tp_mesh.size() if tp_mesh is not None else 1)
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise ConfigError(f"{str(out)!r} holds no complete checkpoint yet")
+    found = find_checkpoint(out)  # the newest that verifies; a damaged one is named and skipped
+    if found is None:
+        raise ConfigError(f"{str(out)!r} holds no complete checkpoint" + (" that verifies" if latest_checkpoint(out) else " yet"))
+    ckpt, state = found
     with torch.device("meta"):
         model = GPT(gcfg)
     if tp_mesh is not None:
@@ -50,8 +52,8 @@ def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tupl
         apply_tp(model, tp_mesh, sequence_parallel=False)
     model.to_empty(device=device)
     model.tie_weights()
-    state = load_checkpoint(ckpt, model)
-    return model.eval(), Tokenizer.load(out), state["step"]
+    load_checkpoint(ckpt, model, state=state)
+    return model.eval(), _run_tokenizer(out), state["step"]
 
 
 @torch.no_grad()
@@ -143,11 +145,23 @@ def load_exported(path: str | Path, device: str = "cpu") -> GPT:
 
 
 @torch.no_grad()
-def evaluate(out_dir: str | Path, batches: int = 16, batch_size: int = 8) -> dict:
-    """Validation loss (nats/token) and perplexity over the first `batches` x `batch_size` val windows."""
-    model, _, step = load_trained(out_dir)
+def evaluate(out_dir: str | Path, batches: int = 16, batch_size: int = 8, data_dir: str | Path | None = None) -> dict:
+    """Validation loss (nats/token) and perplexity over the first `batches` x `batch_size` val
+    windows of `data_dir` (default: the run's data.dir, which may have moved since training)."""
+    if batches < 1:
+        raise ConfigError(f"--batches: must be >= 1, got {batches}")
+    run_model_config(out_dir)  # not a run: say so before anything else
     cfg = load_config(Path(out_dir) / "config.toml")
-    windows = TokenWindows(load_split(cfg.data.dir, "val"), cfg.train.seq_len)
+    ddir = Path(data_dir if data_dir is not None else cfg.data.dir)
+    where = "--data" if data_dir is not None else f"data.dir of {out_dir} (give another with --data DIR)"
+    try:
+        windows = TokenWindows(load_split(ddir, "val"), cfg.train.seq_len)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    model, _, step = load_trained(out_dir)
+    # Another tokenizer's ids would give a meaningless loss (or index past the embedding).
+    if (ddir / TOKENIZER_FILE).read_bytes() != (Path(out_dir) / TOKENIZER_FILE).read_bytes():
+        raise ConfigError(f"{where}: {str(ddir)!r} was prepared with another tokenizer than this run's")
     n = min(len(windows), batches * batch_size)
     total = 0.0
     for i in range(0, n, batch_size):
@@ -155,3 +169,11 @@ def evaluate(out_dir: str | Path, batches: int = 16, batch_size: int = 8) -> dic
         total += loss_fn(model(data[:, :-1]), data[:, 1:]).item() * data.size(0)
     loss = total / n
     return {"step": step, "val_loss": loss, "perplexity": math.exp(loss), "windows": n, "tokens": n * cfg.train.seq_len}
+
+
+def _run_tokenizer(out: Path) -> Tokenizer:
+    try:
+        return Tokenizer.load(out)
+    except FileNotFoundError:
+        raise ConfigError(f"{out / TOKENIZER_FILE} is missing: the run directory is incomplete; copy the "
+                          f"tokenizer.json of the data it was trained on into it") from None

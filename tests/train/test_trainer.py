@@ -46,6 +46,6 @@ def test_resume_with_another_model_shape_is_a_user_error(small_data, tmp_path):
 
 def test_resume_with_another_batch_size_is_a_user_error(small_data, tmp_path):
     out = tmp_path / "run"
-    run_train(small_data, out, "--train.steps=2")
-    r = run_train(small_data, out, "--train.steps=4", "--train.batch_size=4", check=False)
+    run_train(small_data, out, "--train.steps=2", "--train.decay_steps=4")
+    r = run_train(small_data, out, "--train.steps=4", "--train.decay_steps=4", "--train.batch_size=4", check=False)
     assert r.returncode == 2 and "batch_size" in r.stderr and "Traceback" not in r.stderr

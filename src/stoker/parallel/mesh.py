@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,22 @@ class DistInfo:
         return self.world > 1
 
 
+def end_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `signum` to this process when its parent dies, so that a launcher
+    killed with SIGKILL leaves no orphan training on (a worker treats SIGTERM as a stop
+    request: finish the step, checkpoint, exit). No-op where prctl is missing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent went before the request took hold
+            os.kill(os.getpid(), signum)
+    except (OSError, AttributeError):
+        pass
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun set up (if any) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,6 +60,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: end with its agent
+        end_with_parent()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local_rank, local_world, dev)

@@ -8,23 +8,42 @@ Layout of one checkpoint, `<out_dir>/checkpoints/step_XXXXXXXX/`:
   trainer.json     step, data-loader position, schedule, every rank's RNG states
 It is written under `.tmp_step_XXXXXXXX` and renamed when complete, so a crash mid-write
 never leaves a directory that looks finished.
+
+What loading trusts. A checkpoint directory may come from elsewhere, so reading one never runs
+code: DCP's `.metadata` (a pickle) is read by an unpickler that admits only DCP's own metadata
+classes, torch dtypes and sizes and plain values; the optimizer's plain values go through
+`torch.load(weights_only=True)`, as the tensors do. trainer.json is JSON. Each file's size and
+SHA-256 are recorded in trainer.json when saving and checked before loading: a damaged
+checkpoint is named in a one-line warning and the previous complete one is used.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
+import io
 import json
+import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from stoker.errors import RunError
 
 # DCP warns on every single-process save/load that it assumes a single process: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -47,6 +66,157 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint that cannot be loaded as written; the message names the file."""
+
+
+# Everything a DCP `.metadata` pickle of torch 2.x refers to. Anything else (os.system,
+# builtins.eval, ...) is refused: the file is then not a checkpoint of ours.
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not checkpoint metadata")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """DCP's `.metadata` file, read without running code; CheckpointDamaged if it is not one."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise CheckpointDamaged(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # any malformed pickle: truncated, garbage, foreign classes
+        raise CheckpointDamaged(f"{path}: not DCP metadata ({e})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+        raise CheckpointDamaged(f"{path}: not DCP metadata (holds a {type(md).__name__})")
+    return md
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        md = read_metadata(self._get_metadata_path(kwargs.get("rank")))
+        if md.storage_meta is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        # DCP's own planner unpickles these with weights_only=False. Load them with
+        # weights_only=True (plain values: lr, betas, flags) and hand it a re-serialised copy,
+        # so nothing from the file is ever unpickled unrestricted.
+        obj = torch.load(value, weights_only=True)
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        super().load_bytes(read_item, clean)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(ckpt: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file DCP wrote (trainer.json is written after and holds this)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != "trainer.json"}
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """trainer.json of a checkpoint whose files are whole and unchanged; CheckpointDamaged otherwise."""
+    ckpt = Path(ckpt)
+    tj = ckpt / "trainer.json"
+    try:
+        state = json.loads(tj.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{tj}: unreadable ({e})") from None
+    m = STEP_DIR.match(ckpt.name)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("rng"), list)
+            and state["rng"] and isinstance(state.get("loader"), dict) and (m is None or int(m[1]) == state["step"])):
+        raise CheckpointDamaged(f"{tj}: not a trainer state of step {m[1] if m else '?'} "
+                                "(needs integer step, rng list, loader table)")
+    files = state.get("files")
+    if isinstance(files, dict):
+        for name, rec in files.items():
+            p = ckpt / name
+            if not p.is_file():
+                raise CheckpointDamaged(f"{p}: missing")
+            if p.stat().st_size != rec.get("bytes"):
+                raise CheckpointDamaged(f"{p}: {p.stat().st_size} bytes, {rec.get('bytes')} when written (truncated?)")
+            if _sha256(p) != rec.get("sha256"):
+                raise CheckpointDamaged(f"{p}: contents changed since written (checksum mismatch)")
+    md = read_metadata(ckpt / ".metadata")
+    # Checkpoints written before checksums were recorded still get a structural check.
+    ends: dict[str, int] = {}
+    for info in md.storage_data.values():
+        rel = str(getattr(info, "relative_path", ""))
+        ends[rel] = max(ends.get(rel, 0), int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0)))
+    for rel, end in ends.items():
+        p = ckpt / rel
+        if Path(rel).name != rel or not p.is_file():
+            raise CheckpointDamaged(f"{p}: missing")
+        if p.stat().st_size < end:
+            raise CheckpointDamaged(f"{p}: {p.stat().st_size} bytes, its metadata needs {end} (truncated)")
+    return state
+
+
+def _warn(msg: str) -> None:
+    print(f"stoker: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def find_checkpoint(out_dir: str | Path, set_aside: bool = False,
+                    warn: Callable[[str], None] = _warn) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies, and its trainer state; damaged newer ones are named
+    in a warning (and with set_aside, renamed `damaged_step_*` so that no later save or
+    keep_last mistakes them for the newest). Collective under torch.distributed: rank 0
+    checks, the others take its answer."""
+    found = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for ckpt in reversed(list_checkpoints(out_dir)):
+            try:
+                found = (str(ckpt), verify_checkpoint(ckpt))
+                break
+            except CheckpointDamaged as e:
+                note = f"checkpoint {ckpt.name} is damaged: {e}"
+                if set_aside:
+                    dest = ckpt.with_name("damaged_" + ckpt.name)
+                    ckpt.rename(dest)
+                    note += f"; moved to {dest.name}"
+                warn(note + "; trying the previous one")
+    if dist.is_initialized():
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    return (Path(found[0]), found[1]) if found is not None else None
+
+
+def remove_partial_saves(out_dir: str | Path) -> list[Path]:
+    """Delete `.tmp_step_*` directories a crash left mid-save (only the run's writer may call it)."""
+    root = checkpoint_dir(out_dir)
+    gone = [p for p in root.glob(".tmp_step_*") if p.is_dir()] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def _rng_state() -> dict:
@@ -102,15 +272,27 @@ def save_checkpoint(
     for m, o in _state_dicts(parts, optimizers):
         model_sd.update(m)
         optim_sd.update(o)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except (Exception, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(e, tmp) from e
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
     if rngs is not None:
         dist.all_gather_object(rngs, _rng_state())
     else:
         rngs = [_rng_state()]
     if rank == 0:
-        state = dict(trainer_state, step=step, rng=rngs)
-        (tmp / "trainer.json").write_text(json.dumps(state))
+        try:
+            state = dict(trainer_state, step=step, rng=rngs, files=_manifest(tmp))
+            with (tmp / "trainer.json").open("w") as f:
+                f.write(json.dumps(state))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_error(e, tmp) from e
         if final.exists():  # the same step saved again (a re-run): replace it whole
             shutil.rmtree(final)
         tmp.rename(final)
@@ -120,18 +302,59 @@ def save_checkpoint(
     return final
 
 
+def _save_error(e: BaseException, where: Path) -> BaseException:
+    """A full disk (or quota) as one line naming the place; anything else unchanged."""
+    e = _cause(e)
+    text = str(e)
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
+            or "Disk quota" in text:
+        free = shutil.disk_usage(where.parent).free if where.parent.exists() else 0
+        return RunError(f"no space left on the device writing checkpoint {where.parent}/{where.name.removeprefix('.tmp_')} "
+                        f"({free / 2**20:.0f} MiB free); free some space or lower train.keep_last, then rerun to resume "
+                        "from the last complete checkpoint")
+    return e
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
+
+
+def _reason(e: BaseException) -> str:
+    e = _cause(e)
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    # torch.load's refusal explains weights_only at length; its last line names the culprit.
+    return f"{type(e).__name__}: {lines[-1] if isinstance(e, pickle.UnpicklingError) else lines[0]}" if lines \
+        else type(e).__name__
+
+
+def _dcp_load(sd: dict, path: Path) -> None:
+    try:
+        dcp.load(sd, storage_reader=_SafeReader(path), planner=_SafePlanner())
+    except (Exception, CheckpointException) as e:
+        raise RunError(f"checkpoint {path} could not be loaded ({_reason(e)}); "
+                       "move it aside to use the previous one") from e
+
+
 def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
-                    optimizers: list[torch.optim.Optimizer] | None = None) -> dict:
+                    optimizers: list[torch.optim.Optimizer] | None = None, state: dict | None = None) -> dict:
     """Collective: load model (and optimizer) state into already parallelized model parts,
-    whatever layout wrote it; restore this rank's RNG state. Returns trainer.json."""
+    whatever layout wrote it; restore this rank's RNG state. Returns trainer.json (pass
+    `state` when find_checkpoint already verified and read it)."""
     path = Path(path)
-    state = json.loads((path / "trainer.json").read_text())
+    if state is None:
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            raise RunError(str(e)) from None
     if isinstance(parts, nn.Module):
         parts = [parts]
     if optimizers is None:
         for m in parts:
             sd = {"model": m.state_dict()}
-            dcp.load(sd, checkpoint_id=str(path))
+            _dcp_load(sd, path)
             m.load_state_dict(sd["model"])
     else:
         per_part = _state_dicts(parts, optimizers)
@@ -139,7 +362,7 @@ def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
         for m, o in per_part:
             sd["model"].update(m)
             sd["optim"].update(o)
-        dcp.load(sd, checkpoint_id=str(path))
+        _dcp_load(sd, path)
         # DCP fills tensors in place but replaces plain values (lr, step counts): take each
         # part's entries back from the loaded dict.
         for m, (msd, osd), opt in zip(parts, per_part, optimizers):

@@ -102,9 +102,12 @@ class MetricsLog:
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            # Drop lines past the checkpoint we resume from: those steps run again.
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            # Drop lines past the checkpoint we resume from (those steps run again) and a line
+            # torn by a crash mid-write.
+            keep = [l for l, r in _parsed(self.path.read_text()) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            tmp.replace(self.path)  # a crash here keeps the old file, never half of it
         elif resume_step is None:
             self.path.write_text("")
 
@@ -113,8 +116,21 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _parsed(text: str) -> list[tuple[str, dict]]:
+    """(line, record) for each line that holds a JSON object; a torn or foreign line is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append((line, rec))
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return [r for _, r in _parsed(Path(path).read_text())]
 
 
 def plot_loss(metrics_path: str | Path, png_path: str | Path) -> None:

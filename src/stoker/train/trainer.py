@@ -25,7 +25,9 @@ from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, los
 from stoker.parallel.mesh import DistInfo, build_mesh, dp_rank_world, init_distributed, local_shard, shutdown
 from stoker.parallel.parallelize import apply_ddp, parallelize, uses_ddp
 from stoker.parallel.pipeline import TiedGradSync, build_schedule, build_stages
-from stoker.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stoker.errors import RunError
+from stoker.runs import open_run_dir
+from stoker.train.checkpoint import find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
 from stoker.train.metrics import MetricsLog, peak_flops, plot_loss
 from stoker.train.schedule import lr_at, schedule_state
 
@@ -281,12 +283,13 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     bf16_autocast = t.dtype == "bf16" and not fsdp
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16_autocast else contextlib.nullcontext()
 
-    local_batch = t.batch_size // dp_world
-    micro = t.micro_batch_size or local_batch
-    ctx = Ctx(info, parts, autocast, accum=local_batch // micro, tp=pcfg.tp > 1)
+    split = cfg.batch_split()
+    if split.note and info.is_main:
+        print(split.note, flush=True)
+    ctx = Ctx(info, parts, autocast, accum=split.count, tp=pcfg.tp > 1)
     if pcfg.pp > 1:
         pp_mesh = mesh["pp"]
-        ctx.schedule = build_schedule(parts, stage_ids, pcfg, pp_mesh, info.device, loss_fn)
+        ctx.schedule = build_schedule(parts, stage_ids, pcfg, pp_mesh, info.device, loss_fn, split.count)
         ctx.first, ctx.last = 0 in stage_ids, pcfg.n_stages - 1 in stage_ids
         ctx.pp_group = pp_mesh.get_group()
         ctx.tied = TiedGradSync(parts, pp_mesh, info.device)
@@ -297,27 +300,29 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     # Ranks whose loss enters the mean: one per (dp, tp) pair, each tp rank holding the same loss.
     n_loss_ranks = dp_world * pcfg.tp
 
+    lock = _lock_run_dir(out, info)  # held until this process ends
     start = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
+    found = find_checkpoint(out, set_aside=True)
+    if found is not None:
+        ckpt, state = found
         saved = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else asdict(gcfg)
         diff = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(gcfg).items() if k != "dropout" and saved.get(k) != v]
         if diff:
             raise ConfigError(f"train.out_dir: {out} holds a run of another model shape ({', '.join(diff)}); "
                               "use a new train.out_dir or the run's own model settings")
-        state = load_checkpoint(ckpt, parts, optimizers)
+        _check_schedule(state.get("schedule"), t)
         try:
             loader.load_state_dict(state["loader"])
-        except ValueError as e:
+        except (ValueError, KeyError) as e:
             raise ConfigError(f"train: {e}") from None
+        load_checkpoint(ckpt, parts, optimizers, state=state)
         start = state["step"]
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.toml")
         # The run directory carries what inference needs, independent of the data directory.
         (out / "model.json").write_text(json.dumps(asdict(gcfg), indent=1))
         shutil.copyfile(Path(cfg.data.dir) / "tokenizer.json", out / "tokenizer.json")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None) if info.is_main else None
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if found is not None else None) if info.is_main else None
 
     fpt = flops_per_token(gcfg, t.seq_len)
     # Processes on one CPU share its cores; GPUs each bring their own peak.
@@ -327,6 +332,12 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     tokens_per_step = t.batch_size * t.seq_len
 
     def checkpoint(step: int) -> None:
+        # Never let a non-finite model replace good checkpoints (keep_last would delete them).
+        bad = torch.tensor([float(not all(bool(torch.isfinite(local_shard(p)).all()) for m in parts
+                                          for p in m.parameters()))], device=info.device)
+        if _all_reduce_sum(bad).item():
+            raise RunError(f"step {step}: the model holds NaN or inf values; not saving it "
+                           f"(the checkpoints in {out / 'checkpoints'} are kept)")
         trainer_state = {"loader": loader.state_dict(), "schedule": schedule_state(t), "dtype": t.dtype,
                          "world": info.world, "parallel": asdict(pcfg)}
         save_checkpoint(out, step, parts, optimizers, trainer_state, t.keep_last)
@@ -343,6 +354,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     stop = StopFlag()
     loss_val = val = float("nan")
     rates: list[float] = []
+    skipped = 0  # non-finite steps in a row
     memory: dict | None = None
     t_run = time.perf_counter()
     step = start
@@ -361,9 +373,19 @@ def _train(cfg: Config, info: DistInfo) -> dict:
                     g["lr"] = lr
             x, y = loader.batch(step)
             loss_sum = forward_backward(ctx, x, y)
-            gnorm = _clip(ctx, t.grad_clip)
-            for opt in optimizers:
-                opt.step()
+            gnorm = _clip(ctx, t.grad_clip)  # the global norm: every rank takes the same branch
+            if math.isfinite(gnorm):
+                skipped = 0
+                for opt in optimizers:
+                    opt.step()
+            else:
+                skipped += 1
+                if t.on_nonfinite == "stop" or skipped >= MAX_SKIPPED:
+                    raise RunError(
+                        f"step {step + 1}: the gradient norm is {gnorm}" + (f" for {skipped} steps in a row" if skipped > 1 else "")
+                        + f"; training stopped without saving (the checkpoints in {out / 'checkpoints'} are kept). "
+                        "Lower train.lr or raise train.warmup_steps and resume, or set train.on_nonfinite=skip")
+                progress.note(f"step {step + 1}: gradient norm {gnorm}; step skipped (train.on_nonfinite=skip)")
             if memory is None:  # gradients and optimizer state exist now
                 memory = _gather_memory(parts, optimizers, info.device)
                 if info.is_main:
@@ -382,9 +404,9 @@ def _train(cfg: Config, info: DistInfo) -> dict:
             if step > start + 1:  # the first step pays one-off set-up costs
                 rates.append(tps)
             mfu = tps * fpt / peak
-            if log and (step % t.log_every == 0 or step == t.steps):
+            if log and (step % t.log_every == 0 or step == t.steps or skipped):
                 log.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
-                           "mfu": mfu, "step_time_s": dt})
+                           "mfu": mfu, "step_time_s": dt, **({"skipped": True} if skipped else {})})
             progress.update(step, loss_val, tps, mfu)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 val = run_eval(step)
@@ -407,6 +429,42 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         "tokens_per_s": mean_tps, "mfu": mean_tps * fpt / peak, "seconds": elapsed,
         "params": count_params(gcfg), "out_dir": str(out), "layout": layout, "memory_per_rank": memory,
     }
+
+
+# train.on_nonfinite=skip: this many non-finite steps in a row is divergence, not a bad batch.
+MAX_SKIPPED = 5
+
+
+def _lock_run_dir(out: Path, info: DistInfo):
+    """Rank 0 creates and locks the run directory and clears a crash's partial saves; every
+    rank raises the same ConfigError when it cannot."""
+    lock, err = None, None
+    if info.is_main:
+        try:
+            lock = open_run_dir(out)
+            for p in remove_partial_saves(out):
+                print(f"stoker: removed {p}, a checkpoint left half-written by an earlier crash", flush=True)
+        except ConfigError as e:
+            err = str(e)
+    if dist.is_initialized():
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise ConfigError(err)
+    return lock
+
+
+def _check_schedule(saved: dict | None, t) -> None:
+    """A resumed run continues the checkpoint's learning-rate schedule unless told otherwise."""
+    mine = schedule_state(t)
+    if not isinstance(saved, dict) or t.allow_schedule_change:
+        return
+    diff = [f"{k} {saved.get(k)} -> {v}" for k, v in mine.items() if saved.get(k) != v]
+    if diff:
+        keep = f" (set train.decay_steps={saved['decay_steps']} to keep it)" if "decay_steps" in saved else ""
+        raise ConfigError(f"train: resuming would change the checkpoint's learning-rate schedule ({', '.join(diff)}){keep}; "
+                          "set train.allow_schedule_change=true to change it on purpose")
 
 
 def _gather_memory(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], device: torch.device) -> list[dict]:
