@@ -1,12 +1,16 @@
 import json
+import re
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from stoker import cli
 from stoker.data.prepare import default_sources, dtype_for, load_meta, load_split, prepare
-from stoker.data.tokenizer import EOT, Tokenizer
+from stoker.data.tokenizer import EOT, Tokenizer, bounded_runs
 
 WORDS = ("alpha beta gamma delta return import class def self value index table while yield "
          "the of and to in is for with on data model token shard über naïve 数据").split()
@@ -135,9 +139,6 @@ def test_split_keeps_one_val_and_one_train_document(tmp_path):
     s = prepare([str(tmp_path / "0.txt"), str(tmp_path / "1.txt")], tmp_path / "o", vocab_size=300,
                 val_fraction=1e-9, progress=False)
     assert s["splits"]["val"]["documents"] == 1 and s["splits"]["train"]["documents"] == 1
-    one = prepare([str(tmp_path / "0.txt")], tmp_path / "one", vocab_size=300, val_fraction=0.99, progress=False)
-    assert one["splits"]["train"]["documents"] == 1 and one["splits"]["val"]["shards"] == []
-    assert load_split(tmp_path / "one", "val") == []
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -160,15 +161,23 @@ def test_errors_name_the_problem(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "t.txt"]
 
 
+def two_docs(root) -> list[str]:
+    """The smallest corpus prepare accepts: one document for each split."""
+    (root / "s").mkdir()
+    for i in range(2):
+        (root / "s" / f"{i}.txt").write_text(f"hello world {i} " * 50)
+    return [str(root / "s")]
+
+
 def test_replaces_only_prepared_data(tmp_path):
-    (tmp_path / "t.txt").write_text("hello world " * 50)
-    prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=300, progress=False)
+    src = two_docs(tmp_path)
+    prepare(src, tmp_path / "o", vocab_size=300, progress=False)
     before = (tmp_path / "o" / "meta.json").read_bytes()
     with pytest.raises(ValueError):
-        prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=100, progress=False)
+        prepare(src, tmp_path / "o", vocab_size=100, progress=False)
     assert (tmp_path / "o" / "meta.json").read_bytes() == before
     (tmp_path / "o" / "stale.bin").write_bytes(b"x")
-    prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=260, progress=False)
+    prepare(src, tmp_path / "o", vocab_size=260, progress=False)
     assert not (tmp_path / "o" / "stale.bin").exists() and load_meta(tmp_path / "o")["vocab_size"] == 260
     with pytest.raises(ValueError, match="unknown split"):
         load_split(tmp_path / "o", "test")
@@ -176,14 +185,13 @@ def test_replaces_only_prepared_data(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not a prepared data directory"):
-        prepare([str(tmp_path / "t.txt")], tmp_path / "mine", vocab_size=300, progress=False)
+        prepare(src, tmp_path / "mine", vocab_size=300, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
 def test_progress_goes_to_stderr(tmp_path, capsys):
-    (tmp_path / "t.txt").write_text("hello world " * 50)
-    prepare([str(tmp_path / "t.txt")], tmp_path / "o", vocab_size=300, progress=True)
+    prepare(two_docs(tmp_path), tmp_path / "o", vocab_size=300, progress=True)
     assert capsys.readouterr().out == ""
 
 
@@ -196,3 +204,127 @@ def test_cli_prepare_bad_source_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "stoker", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_odd_jsonl_lines_are_skipped_and_odd_text_is_kept(tmp_path):
+    src = tmp_path / "s"
+    src.mkdir()
+    good = [f"record {i}: " + " ".join(WORDS) for i in range(6)]
+    lines = [json.dumps({"text": t}) for t in good]
+    # Legal JSON that is no UTF-8 text (lone surrogates, which once aborted the whole run),
+    # and nesting deep enough to exhaust the parser's recursion.
+    bad = ['{"text": "a\\ud800b"}', '{"text": "\\udc80 low half"}', "[" * 100_000]
+    (src / "x.jsonl").write_text("\ufeff" + "\n".join(lines[:3] + bad + lines[3:]) + "\n", encoding="utf-8")
+    odd = "NUL \x00, BOM \ufeff, lone CR \r, noncharacter \uffff, private use \ue000, astral 😀\n"
+    (src / "odd.txt").write_text(odd, encoding="utf-8")
+    s = prepare([str(src)], tmp_path / "o", vocab_size=300, val_fraction=0.3, progress=False)
+    assert s["skipped_jsonl_lines"] == 3 and s["documents"] == 7  # the BOM does not cost the first line
+    got = decode_docs(tmp_path / "o", "train") + decode_docs(tmp_path / "o", "val")
+    assert sorted(got) == sorted(good + [odd])
+
+
+def longest_run(text: str) -> int:
+    return max(map(len, re.findall(r"\S+|\s+", text)), default=0)
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 10_001,
+    " " * 777 + "x",
+    "ab " * 100 + "z" * 333 + "\n" * 200 + "tail",
+    "".join(("q" if i % 3 else " ") * int(n) for i, n in enumerate(np.random.default_rng(0).integers(1, 400, 60))),
+])
+def test_bounded_runs_cuts_long_runs_and_keeps_every_character(text):
+    pieces = list(bounded_runs([text], block=50))
+    assert "".join(pieces) == text
+    assert longest_run(text) >= 100 and max(map(longest_run, pieces)) < 2 * 50
+
+
+def test_bounded_runs_passes_ordinary_text_through():
+    text = "def f(x):\n    return x  # " + "y" * 49 + "\n" * 3
+    assert list(bounded_runs([text, ""], block=50)) == [text]
+
+
+def test_a_long_line_without_spaces_prepares_quickly_and_exactly(tmp_path):
+    (tmp_path / "s").mkdir()
+    long = "a" * 300_000  # took 35 s (250 KB) when it reached the BPE trainer as one "word"
+    (tmp_path / "s" / "long.txt").write_text(long)
+    for i in range(4):
+        (tmp_path / "s" / f"n{i}.txt").write_text(f"normal document {i} with some words in it\n" * 20)
+    t0 = time.perf_counter()
+    prepare([str(tmp_path / "s")], tmp_path / "o", vocab_size=400, val_fraction=0.2, progress=False)
+    assert time.perf_counter() - t0 < 15  # 0.5 s measured; generous for a busy machine
+    assert long in decode_docs(tmp_path / "o", "train")  # it did reach tokenizer training, and round-trips
+
+
+def test_corpus_too_small_for_both_splits_is_refused_at_prepare(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single document " * 20)
+    with pytest.raises(ValueError, match="only 1 document"):
+        prepare([str(tmp_path / "one.txt")], tmp_path / "o", progress=False)
+    # Both splits get documents, but one of them only empty ones: no window to train or evaluate on.
+    f = tmp_path / "x.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in ["some real text " * 10] + [""] * 9))
+    with pytest.raises(ValueError, match="split would hold no text.*val_fraction"):
+        prepare([str(f)], tmp_path / "o", val_fraction=0.2, progress=False)
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["prepare", str(tmp_path / "one.txt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.lstrip("\n")  # the finished progress bar leaves a blank line off a terminal
+    assert err.startswith("stoker: error: only 1 document") and err.count("\n") == 1
+
+
+def _truncate(d):
+    with open(d / "train_00000.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 2)
+
+
+def _old_meta_truncated(d):
+    meta = json.loads((d / "meta.json").read_text())
+    for sp in meta["splits"].values():
+        del sp["shard_tokens"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    _truncate(d)
+
+
+def _id_beyond_vocab(d):
+    a = np.memmap(d / "val_00000.bin", dtype="<u2", mode="r+")
+    a[10] = 600  # the vocabulary holds 512
+
+
+def _edit_meta(change):
+    def damage(d):
+        meta = json.loads((d / "meta.json").read_text())
+        change(meta)
+        (d / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+DAMAGE = {
+    "truncated shard": (_truncate, ValueError, r"train_00000.bin: [\d,]+ bytes, but meta.json records"),
+    "truncated, meta.json without shard counts": (_old_meta_truncated, ValueError, r"train shards .*train_00000.bin"),
+    "token id beyond the vocabulary": (_id_beyond_vocab, ValueError, r"val_00000.bin: holds token id 600"),
+    "meta.json not JSON": (lambda d: (d / "meta.json").write_text('{"vocab_size": 5'), ValueError,
+                           r"meta.json: not valid JSON"),
+    "meta.json without vocab_size": (_edit_meta(lambda m: m.pop("vocab_size")), ValueError,
+                                     r"meta.json: vocab_size must be a positive integer, missing"),
+    "meta.json with a string count": (_edit_meta(lambda m: m["splits"]["train"].update(tokens="12")), ValueError,
+                                      r"meta.json: splits.train.tokens must be"),
+    "meta.json splits not an object": (_edit_meta(lambda m: m.update(splits=[])), ValueError, r"meta.json: splits"),
+    "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), FileNotFoundError, r"tokenizer.json is missing"),
+    "missing shard": (lambda d: (d / "val_00000.bin").unlink(), FileNotFoundError, r"val_00000.bin is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_data_is_refused_with_one_line_naming_the_file(small_data, tmp_path, capsys, case):
+    damage, error, message = DAMAGE[case]
+    d = tmp_path / "data"
+    shutil.copytree(small_data, d)
+    load_split(d, "train"), load_split(d, "val")  # the undamaged copy loads
+    damage(d)
+    with pytest.raises(error, match=message):
+        load_split(d, "train"), load_split(d, "val")
+    # `stoker train` reports it in one line, before building anything.
+    rc = cli.main(["train", f"--data.dir={d}", f"--train.out_dir={tmp_path / 'run'}", "--train.steps=1",
+                   "--train.seq_len=32", "--train.device=cpu", "--train.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("stoker: error: data.dir: "), err
+    assert re.search(message, err)

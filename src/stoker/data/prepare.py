@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from stoker.data.tokenizer import Tokenizer, train_bpe
+from stoker.data.tokenizer import FILENAME, Tokenizer, train_bpe
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
@@ -84,14 +84,11 @@ def _read(sources: list[Path], advance: Callable[[], None]) -> _Corpus:
             ident = (path.relative_to(src) if src.is_dir() else Path(path.name)).as_posix()
             if suffix == ".jsonl":
                 # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends.
-                for n, line in enumerate(text.split("\n")):
+                for n, line in enumerate(text.removeprefix("\ufeff").split("\n")):
                     if not line.strip():
                         continue
-                    try:
-                        doc = json.loads(line).get("text")
-                    except (ValueError, AttributeError):
-                        doc = None
-                    if not isinstance(doc, str):
+                    doc = _jsonl_text(line)
+                    if doc is None:
                         c.skipped_jsonl_lines += 1
                         continue
                     c.docs.append((f"{ident}:{n + 1}", doc))
@@ -99,6 +96,23 @@ def _read(sources: list[Path], advance: Callable[[], None]) -> _Corpus:
                 c.docs.append((ident, text))
             advance()
     return c
+
+
+def _jsonl_text(line: str) -> str | None:
+    """The line's "text" string, or None if the line is not usable."""
+    try:
+        doc = json.loads(line).get("text")
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: absurdly nested arrays
+        return None
+    if not isinstance(doc, str):
+        return None
+    try:
+        # JSON escapes can spell a lone surrogate (\ud800), which no UTF-8 text and no
+        # tokenizer can hold: one such line must not end the whole run.
+        doc.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return doc
 
 
 def _hash01(ident: str) -> float:
@@ -116,6 +130,21 @@ def _val_mask(idents: list[str], val_fraction: float) -> list[bool]:
     return val
 
 
+def _check_splits(docs: dict[str, list[str]], val_fraction: float) -> None:
+    """Refuse a split without text now, not after minutes of work at train time: training
+    needs one window (seq_len + 1 >= 2 tokens) from each split, and a split without text holds
+    only its end-of-text tokens."""
+    n = sum(map(len, docs.values()))
+    if n < 2:
+        raise ValueError("only 1 document found: training needs at least 2 (one for the train split, "
+                         "one for the validation split); give more files or jsonl lines")
+    for split, texts in docs.items():
+        if not any(texts):
+            hint = "a larger" if split == "val" else "a smaller"
+            raise ValueError(f"the {split} split would hold no text ({len(texts)} of {n} documents, all empty): "
+                             f"give more non-empty documents or {hint} val_fraction (now {val_fraction})")
+
+
 def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
@@ -127,6 +156,7 @@ class _ShardWriter:
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
         self.dtype = dtype.newbyteorder("<")
         self.shards: list[str] = []
+        self.counts: list[int] = []  # tokens in each shard, so a reader can spot a truncated one
         self._f: BinaryIO | None = None
         self._room = 0
 
@@ -138,11 +168,13 @@ class _ShardWriter:
             part, tokens = tokens[: self._room], tokens[self._room :]
             self._f.write(part.tobytes())
             self._room -= len(part)
+            self.counts[-1] += len(part)
 
     def _next(self) -> None:
         self.close()
         name = f"{self.split}_{len(self.shards):05d}.bin"
         self.shards.append(name)
+        self.counts.append(0)
         self._f = open(self.out / name, "wb")
         self._room = self.shard_tokens
 
@@ -192,6 +224,7 @@ def prepare(
             "train": [t for (_, t), v in zip(corpus.docs, val) if not v],
             "val": [t for (_, t), v in zip(corpus.docs, val) if v],
         }
+        _check_splits(docs, val_fraction)
 
         bar.update(task, description=f"training BPE ({vocab_size:,} tokens)")
         tok = Tokenizer(train_bpe(docs["train"], vocab_size))
@@ -217,8 +250,8 @@ def prepare(
                     tokens += n
                     bar.advance(task, sum(nbytes[i : i + ENCODE_CHUNK]))
                 writer.close()
-                splits[split] = {"shards": writer.shards, "tokens": tokens, "documents": len(texts),
-                                 "bytes": sum(nbytes)}
+                splits[split] = {"shards": writer.shards, "shard_tokens": writer.counts, "tokens": tokens,
+                                 "documents": len(texts), "bytes": sum(nbytes)}
                 total_bytes += sum(nbytes)
             tok.save(tmp)
             tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
@@ -249,20 +282,88 @@ def _replace(new: Path, out: Path) -> None:
 
 
 def load_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / META
+    """meta.json of a prepared data directory, checked: a missing file raises FileNotFoundError,
+    a malformed one ValueError naming the file and the field."""
+    d = Path(data_dir)
+    path = d / META
     if not path.is_file():
         raise FileNotFoundError(f"no prepared data in {str(data_dir)!r} ({META} missing); "
                                 f"run `stoker prepare --out {data_dir}`")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); run `stoker prepare --out {data_dir}` again") from None
+    _check_meta(meta, path)
+    if not (d / FILENAME).is_file():  # the trainer copies it into every run directory
+        raise FileNotFoundError(f"{d / FILENAME} is missing; run `stoker prepare --out {data_dir}` again")
+    return meta
+
+
+_MISSING = object()
+
+
+def _check_meta(meta: object, path: Path) -> None:
+    def need(field: str, value: object, ok: bool, want: str) -> None:
+        if not ok:
+            got = "missing" if value is _MISSING else f"got {json.dumps(value)[:60]}"
+            raise ValueError(f"{path}: {field} must be {want}, {got}; run `stoker prepare` again")
+
+    def count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    need("the content", meta, isinstance(meta, dict), "a JSON object")
+    vocab = meta.get("vocab_size", _MISSING)
+    need("vocab_size", vocab, count(vocab) and vocab > 0, "a positive integer")
+    need("dtype", meta.get("dtype", _MISSING), meta.get("dtype") in ("uint16", "uint32"), '"uint16" or "uint32"')
+    eot = meta.get("eot_id", _MISSING)
+    need("eot_id", eot, count(eot) and eot < vocab, f"an integer below vocab_size {vocab}")
+    splits = meta.get("splits", _MISSING)
+    need("splits", splits, isinstance(splits, dict) and {"train", "val"} <= splits.keys(),
+         'an object with "train" and "val"')
+    for name, sp in splits.items():
+        need(f"splits.{name}", sp, isinstance(sp, dict), "an object")
+        shards, tokens = sp.get("shards", _MISSING), sp.get("tokens", _MISSING)
+        need(f"splits.{name}.shards", shards, isinstance(shards, list) and all(isinstance(s, str) for s in shards),
+             "a list of file names")
+        need(f"splits.{name}.tokens", tokens, count(tokens), "a non-negative integer")
+        if "shard_tokens" in sp:  # absent in data prepared before it was recorded
+            n = sp["shard_tokens"]
+            need(f"splits.{name}.shard_tokens", n, isinstance(n, list) and len(n) == len(shards)
+                 and all(map(count, n)) and sum(n) == tokens, f"one count per shard, summing to tokens {tokens}")
 
 
 def load_split(data_dir: str | Path, split: str) -> list[np.ndarray]:
-    """Read-only memory maps of one split's shards (an empty split has none)."""
+    """Read-only memory maps of one split's shards (an empty split has none). A shard that is
+    missing, of another size than meta.json records, or holding ids beyond the vocabulary
+    raises FileNotFoundError or ValueError naming it: training must not start on damaged data."""
     meta = load_meta(data_dir)
     if split not in meta["splits"]:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(meta['splits'])}")
+    sp = meta["splits"][split]
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    return [np.memmap(Path(data_dir) / s, dtype=dtype, mode="r") for s in meta["splits"][split]["shards"]]
+    paths = [Path(data_dir) / s for s in sp["shards"]]
+    again = f"run `stoker prepare --out {data_dir}` again"
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing (listed in {META}); {again}")
+    sizes = [p.stat().st_size for p in paths]
+    if "shard_tokens" in sp:
+        for p, size, n in zip(paths, sizes, sp["shard_tokens"]):
+            if size != n * dtype.itemsize:
+                raise ValueError(f"{p}: {size:,} bytes, but {META} records {n:,} tokens ({n * dtype.itemsize:,} "
+                                 f"bytes): the shard is damaged; {again}")
+    elif sum(sizes) != sp["tokens"] * dtype.itemsize:  # older meta.json: only the split's total is known
+        raise ValueError(f"{split} shards {', '.join(map(str, paths))}: {sum(sizes):,} bytes, but {META} records "
+                         f"{sp['tokens']:,} tokens ({sp['tokens'] * dtype.itemsize:,} bytes): damaged; {again}")
+    arrays = [np.memmap(p, dtype=dtype, mode="r") for p in paths]
+    for p, a in zip(paths, arrays):
+        # An id beyond the vocabulary would crash the embedding lookup mid-training; one pass
+        # over the shard costs far less (measured, 8.7M stdlib tokens: 3 ms, 40 ms from disk).
+        top = int(a.max()) if len(a) else 0
+        if top >= meta["vocab_size"]:
+            raise ValueError(f"{p}: holds token id {top}, beyond the vocabulary of {meta['vocab_size']} "
+                             f"({META}): damaged, or written with another tokenizer; {again}")
+    return arrays
 
 
 def summary_table(summary: dict) -> Table:
