@@ -275,9 +275,10 @@ def save_checkpoint(
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     except (Exception, CheckpointException) as e:
+        err = _save_error(e, tmp)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_error(e, tmp) from e
+        raise err from e
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
     if rngs is not None:
         dist.all_gather_object(rngs, _rng_state())
@@ -291,8 +292,9 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
+            err = _save_error(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _save_error(e, tmp) from e
+            raise err from e
         if final.exists():  # the same step saved again (a re-run): replace it whole
             shutil.rmtree(final)
         tmp.rename(final)
@@ -303,16 +305,23 @@ def save_checkpoint(
 
 
 def _save_error(e: BaseException, where: Path) -> BaseException:
-    """A full disk (or quota) as one line naming the place; anything else unchanged."""
+    """A full disk (or quota) as one line naming the place; anything else unchanged. torch's
+    writer can lose the errno ("unexpected pos ..."), so a failure with the disk nearly full
+    counts too; called before the partial save is removed."""
     e = _cause(e)
-    text = str(e)
-    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
-            or "Disk quota" in text:
-        free = shutil.disk_usage(where.parent).free if where.parent.exists() else 0
-        return RunError(f"no space left on the device writing checkpoint {where.parent}/{where.name.removeprefix('.tmp_')} "
-                        f"({free / 2**20:.0f} MiB free); free some space or lower train.keep_last, then rerun to resume "
-                        "from the last complete checkpoint")
+    root = where.parent
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e) \
+        or free < FULL_DISK_BYTES
+    if full:
+        return RunError(f"no space left on the device writing checkpoint {root / where.name.removeprefix('.tmp_')} "
+                        f"({free / 2**20:.1f} MiB free); free some space or lower train.keep_last, then rerun to "
+                        "resume from the last complete checkpoint")
     return e
+
+
+# Below this much free space, a failed save is taken for a full disk.
+FULL_DISK_BYTES = 16 << 20
 
 
 def _cause(e: BaseException) -> BaseException:
