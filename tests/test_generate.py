@@ -1,11 +1,16 @@
 import math
+import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
+import tomli_w
 import torch
 
 from conftest import run_train
+from stoker import cli
+from stoker.data.prepare import prepare
 from stoker.generate import evaluate, generate, load_trained, sample
 
 
@@ -78,3 +83,42 @@ def test_export_writes_one_safetensors_file_with_the_same_model(run_dir, tmp_pat
     assert got.lm_head.weight is got.wte.weight
     bad = subprocess.run([sys.executable, "-m", "stoker", "export", str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and "none" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The CLI, in this process, failing as a user error: exit 2 and one line, no traceback."""
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("stoker: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def copy_run(run_dir, dest, data_dir=None):
+    shutil.copytree(run_dir, dest)
+    if data_dir is not None:
+        cfg = tomllib.loads((dest / "config.toml").read_text())
+        cfg["data"]["dir"] = str(data_dir)
+        (dest / "config.toml").write_text(tomli_w.dumps(cfg))
+    return dest
+
+
+def test_eval_names_a_missing_data_dir_and_takes_data_from_elsewhere(run_dir, small_data, tmp_path, capsys):
+    moved = copy_run(run_dir, tmp_path / "run", data_dir=tmp_path / "gone")
+    err = cli_error(["eval", str(moved)], capsys)
+    assert str(tmp_path / "gone") in err and "--data" in err
+    assert cli.main(["eval", str(moved), "--data", str(small_data), "--batches", "2"]) == 0
+    assert f"{evaluate(run_dir, batches=2)['val_loss']:.4f}" in capsys.readouterr().out
+    # Data of another tokenizer would be scored without complaint, and wrongly.
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        (tmp_path / "s" / f"{i}.txt").write_text(f"other text {i} " * 40)
+    prepare([str(tmp_path / "s")], tmp_path / "other", vocab_size=300, progress=False)
+    assert "another tokenizer" in cli_error(["eval", str(moved), "--data", str(tmp_path / "other")], capsys)
+    assert "--batches" in cli_error(["eval", str(run_dir), "--batches", "0"], capsys)
+
+
+def test_run_without_its_tokenizer_is_a_user_error(run_dir, tmp_path, capsys):
+    broken = copy_run(run_dir, tmp_path / "run")
+    (broken / "tokenizer.json").unlink()
+    for argv in (["generate", str(broken), "--max-new-tokens", "2"], ["eval", str(broken), "--batches", "1"]):
+        assert str(broken / "tokenizer.json") in cli_error(argv, capsys)

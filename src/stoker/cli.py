@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stoker.generate import evaluate
 
     try:
-        r = evaluate(args.run_dir, batches=args.batches)
+        r = evaluate(args.run_dir, batches=args.batches, data_dir=args.data)
     except ConfigError as e:
         return _fail(str(e))
     print(f"step {r['step']}: val loss {r['val_loss']:.4f} nats/token, perplexity {r['perplexity']:.2f} "
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
     pe.add_argument("run_dir", help="a train.out_dir")
     pe.add_argument("--batches", type=int, default=16, help="val batches of 8 windows (default 16)")
+    pe.add_argument("--data", metavar="DIR", default=None,
+                    help="prepared data to take the val split from (default: the run's data.dir); "
+                         "must be tokenized with the run's tokenizer")
 
     pg = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     pg.add_argument("run_dir", nargs="?", help="a train.out_dir (with --server: a model name, default the first)")
