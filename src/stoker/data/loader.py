@@ -10,8 +10,6 @@ process count continues exactly the same sample stream. The only state is the st
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -27,7 +25,7 @@ class TokenWindows:
         if self.offsets[-1] == 0:
             total = sum(len(s) for s in shards)
             # Shards from load_split are memory maps: their names tell the user which split it is.
-            names = ", ".join(Path(s.filename).name for s in shards if getattr(s, "filename", None))
+            names = ", ".join(str(s.filename) for s in shards if getattr(s, "filename", None))
             raise ValueError(f"{names or 'the data'} holds {total} tokens: too few for one window of seq_len "
                              f"{seq_len} + 1; use a shorter seq_len, or prepare more text")
 
