@@ -40,6 +40,7 @@ def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tupl
     wrote it. With a tensor-parallel mesh (under torchrun), each rank loads only its shard."""
     out = Path(out_dir)
     gcfg = run_model_config(out, tp=tp_mesh.size() if tp_mesh is not None else 1)
+    tok = _run_tokenizer(out)  # before the (slower) checkpoint: an incomplete run fails at once
     found = find_checkpoint(out)  # the newest that verifies; a damaged one is named and skipped
     if found is None:
         raise ConfigError(f"{str(out)!r} holds no complete checkpoint" + (" that verifies" if latest_checkpoint(out) else " yet"))
@@ -53,7 +54,7 @@ def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tupl
     model.to_empty(device=device)
     model.tie_weights()
     load_checkpoint(ckpt, model, state=state)
-    return model.eval(), _run_tokenizer(out), state["step"]
+    return model.eval(), tok, state["step"]
 
 
 @torch.no_grad()
