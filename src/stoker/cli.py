@@ -231,7 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-              max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb)
+              max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb,
+              max_body_mb=args.max_body_mb)
     except (ConfigError, FileNotFoundError) as e:
         return _fail(str(e))
     except OSError as e:
@@ -313,12 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     ps.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
     ps.add_argument("--api-key", default=os.environ.get("STOKER_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' (default $STOKER_API_KEY; unset: no key)")
+                    help="require 'Authorization: Bearer KEY' on every path but /health (default "
+                         "$STOKER_API_KEY; unset: no key; empty: refused)")
     ps.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
     ps.add_argument("--max-loaded", type=int, default=1, help="models resident at once (default 1)")
     ps.add_argument("--max-queue", type=int, default=64,
                     help="requests waiting per model before answering 429 (default 64)")
     ps.add_argument("--kv-budget-mb", type=int, default=1024, help="KV cache memory per model in MiB (default 1024)")
+    ps.add_argument("--max-body-mb", type=float, default=4,
+                    help="largest request body in MiB; a larger one gets 413 without being read (default 4)")
 
     pd = sub.add_parser("demo", help="prepare the stdlib corpus, train a small model, show a sample")
     pd.add_argument("--data-dir", default="data/stdlib")

@@ -50,9 +50,14 @@ def test_max_loaded_one_alternates_loads_and_answers_right(lru_server, serve_run
     assert loads == {"alpha": "2.0", "b": "2.0"}  # the repeated "b" reused the resident model
 
 
-def test_serve_user_errors_exit_2(tmp_path, serve_runs, capsys):
+def test_serve_user_errors_exit_2(tmp_path, serve_runs, capsys, monkeypatch):
     for args, needle in [([str(tmp_path)], "model.json"), ([str(serve_runs[0]), "--max-batch", "0"], "--max-batch"),
-                         ([f"x={serve_runs[0]}", f"x={serve_runs[1]}"], "twice")]:
+                         ([f"x={serve_runs[0]}", f"x={serve_runs[1]}"], "twice"),
+                         ([str(serve_runs[0]), "--api-key", ""], "--api-key"),
+                         ([str(serve_runs[0]), "--max-body-mb", "0"], "--max-body-mb")]:
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("STOKER_API_KEY", "")  # set but empty: a mistake, not "no key"
+    assert main(["serve", str(serve_runs[0])]) == 2
+    assert "STOKER_API_KEY" in capsys.readouterr().err

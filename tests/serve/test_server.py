@@ -4,6 +4,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import pytest
@@ -12,7 +14,7 @@ from stoker.generate import load_trained
 from stoker.serve.client import Client, ServeError
 from stoker.serve.engine import Engine, SamplingParams
 from stoker.serve.models import ModelPool, parse_models
-from stoker.serve.server import BackgroundServer, create_app
+from stoker.serve.server import MAX_BODY_BYTES, BackgroundServer, create_app
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -174,3 +176,174 @@ def test_cli_generate_asks_the_server(server, reference):
     assert r.stdout == "import " + complete("import ", max_tokens=8, temperature=0.5, top_k=30, seed=11) + "\n"
     r = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "STOKER_API_KEY"})
     assert r.returncode == 2 and "401" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def alpha(serve_runs):
+    """Model alpha alone, with a key, room for 4 sequences as `reference`: (url, pool), for tests
+    that reach into the engine (each undoes what it changes there)."""
+    pool = ModelPool(parse_models([str(serve_runs[0])]), max_batch=4)
+    with BackgroundServer(create_app(pool, api_key=KEY)) as url:
+        yield url, pool
+    pool.close()
+
+
+def openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["message"]
+    return err
+
+
+def poison_seed_666(monkeypatch, engine: Engine) -> None:
+    """Make the sampler fail at the 3rd token of requests seeded 666: an internal fault of one request."""
+    real = engine._pick
+
+    def pick(seq, logits):
+        if seq.params.seed == 666 and seq.sampled == 3:
+            raise RuntimeError("poisoned")
+        return real(seq, logits)
+
+    monkeypatch.setattr(engine, "_pick", pick)
+
+
+def test_a_poisoned_request_never_fails_the_others(alpha, reference, monkeypatch):
+    url, pool = alpha
+    complete, _ = reference
+    poison_seed_666(monkeypatch, pool.engine("alpha"))
+    prompts = ["def ", "import os\n", "class A:\n", "x = ", "for i in", "if x:\n    ", "return ", "# "]
+    good = [{"prompt": p, "max_tokens": 12, "temperature": 0.9, "seed": i} for i, p in enumerate(prompts)]
+    odd = [({"temperature": 1e-300}, {"temperature": 0}), ({"top_p": 5e-324}, {"temperature": 0}),
+           ({"seed": 2**64 - 1}, {"seed": -1})]  # valid extremes, and what each must equal
+    invalid = [({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"temperature": -1e-9}, "temperature"),
+               ({"top_p": 0}, "top_p")]
+    want = [complete(b["prompt"], max_tokens=12, temperature=0.9, seed=b["seed"]) for b in good]
+    want_odd = [complete("def ", max_tokens=12, **same) for _, same in odd]
+
+    async def all_at_once():
+        async with httpx.AsyncClient(timeout=60, headers=AUTH) as client:
+            async def post(body):
+                return await client.post(f"{url}/v1/completions", json=body)
+
+            async def stream(body):
+                async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+                    return [line async for line in r.aiter_lines() if line]
+
+            poisoned = {"prompt": "def ", "max_tokens": 12, "seed": 666}
+            return await asyncio.gather(
+                post(poisoned), stream(poisoned), *map(post, good),
+                *(post({"prompt": "def ", "max_tokens": 12, **o}) for o, _ in odd),
+                *(post({"prompt": "def ", **b}) for b, _ in invalid))
+
+    plain, streamed, *rest = asyncio.run(all_at_once())
+    assert [r.status_code for r in rest[:len(good) + len(odd)]] == [200] * (len(good) + len(odd))
+    assert [r.json()["choices"][0]["text"] for r in rest[:len(good)]] == want
+    assert [r.json()["choices"][0]["text"] for r in rest[len(good):len(good) + len(odd)]] == want_odd
+    for r, (_, field) in zip(rest[len(good) + len(odd):], invalid):
+        assert openai_error(r, 422)["param"] == field
+    assert "poisoned" in openai_error(plain, 500)["message"]
+    # The stream began, then tells what went wrong instead of breaking off.
+    assert streamed[-1] == "data: [DONE]" and json.loads(streamed[0][6:])["choices"]
+    err = json.loads(streamed[-2][6:])["error"]
+    assert err["code"] == 500 and err["type"] == "server_error" and "poisoned" in err["message"]
+
+
+def test_large_bodies_get_413_unread_and_long_prompts_400_untokenized(alpha, monkeypatch):
+    url, pool = alpha
+    model = pool.models["alpha"]
+    tokenized: list[int] = []
+    real = model.tokenizer.encode_batch
+    monkeypatch.setattr(model.tokenizer, "encode_batch", lambda texts: (tokenized.extend(map(len, texts)), real(texts))[1])
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def watch():  # another client, all along
+        while not stop.is_set():
+            t = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - t)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        big = json.dumps({"prompt": "x" * 10_000_000}).encode()
+        t = time.perf_counter()
+        as_json = {**AUTH, "Content-Type": "application/json"}
+        err = openai_error(httpx.post(f"{url}/v1/completions", content=big, headers=as_json, timeout=60), 413)
+        refused_s = time.perf_counter() - t
+        assert str(MAX_BODY_BYTES) in err["message"]
+        chunked = (big[i: i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: counted as it comes
+        openai_error(httpx.post(f"{url}/v1/completions", content=chunked, headers=as_json, timeout=60), 413)
+        under = {"prompt": "y = 1; " * 500_000, "max_tokens": 1}  # 3.5 MB: under the limit, far over the context
+        err = openai_error(httpx.post(f"{url}/v1/completions", json=under, headers=AUTH, timeout=60), 400)
+        assert err["type"] == "context_length_exceeded" and "at least" in err["message"]
+        err = openai_error(httpx.post(f"{url}/api/v1/task/text-generation", json={"text": under["prompt"]},
+                                      headers=AUTH, timeout=60), 400)
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "y = 1\n" * 5, "max_tokens": 2}, headers=AUTH)
+        assert ok.status_code == 200
+    finally:
+        stop.set()
+        watcher.join()
+    assert refused_s < 2 and max(latencies) < 2, (refused_s, max(latencies))
+    assert tokenized and max(tokenized) <= model.context * model.max_token_bytes  # the 3.5 MB never was
+
+
+def test_a_client_that_hangs_up_stops_its_generation(alpha, monkeypatch):
+    url, pool = alpha
+    engine = pool.engine("alpha")
+    body = {"prompt": "def ", "max_tokens": 63, "temperature": 0}
+    full = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["usage"]["completion_tokens"]
+    assert full >= 50  # this model does not stop early on this prompt
+
+    def generated() -> float:
+        text = httpx.get(f"{url}/metrics", headers=AUTH).text
+        return float(re.search(r'^stoker_generated_tokens_total\{model="alpha"\} (\S+)$', text, re.M).group(1))
+
+    real = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda seqs: (time.sleep(0.05), real(seqs))[1])  # 63 tokens: >3 s
+    before = generated()
+    with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection: the client is gone
+        httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=0.5)
+    deadline = time.monotonic() + 2
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running == 0 and engine.queue_depth == 0
+    assert generated() - before < full / 2
+    assert re.search(r'stoker_requests_total\{endpoint="/v1/completions",status="499"\} 1', httpx.get(
+        f"{url}/metrics", headers=AUTH).text)
+
+
+def test_every_answer_has_the_openai_error_shape_and_only_health_is_open(alpha):
+    url, _ = alpha
+    for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", "/nowhere"):
+        openai_error(httpx.get(f"{url}{path}"), 401)
+        assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer"}).status_code == 401
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{url}{path}", headers=AUTH).status_code == 200
+    head = httpx.head(f"{url}/health")
+    assert head.status_code == 200 and head.content == b""
+    assert openai_error(httpx.get(f"{url}/nowhere", headers=AUTH), 404)["type"] == "not_found_error"
+    r = httpx.get(f"{url}/v1/completions", headers=AUTH)
+    openai_error(r, 405)
+    assert r.headers["allow"] == "POST"
+    post = lambda path, **kw: httpx.post(f"{url}{path}", headers={**AUTH, **kw.pop("headers", {})}, **kw)
+    assert openai_error(post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+                        422)["param"] == "body"
+    openai_error(post("/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"}), 422)
+    openai_error(post("/v1/completions", content=b"[1, 2]", headers={"Content-Type": "application/json"}), 422)
+    lone = "\ud800"  # a lone surrogate, which JSON can carry and UTF-8 cannot
+    for path, body, field in [("/v1/completions", {"prompt": f"a{lone}"}, "prompt"),
+                              ("/v1/completions", {"prompt": ["ok", lone]}, "prompt"),
+                              ("/v1/completions", {"prompt": "a", "stop": [lone]}, "stop"),
+                              ("/v1/completions", {"prompt": "a", "model": lone}, "model"),
+                              ("/api/v1/task/text-generation", {"text": lone}, "text"),
+                              ("/api/v1/task/tokenization", {"text": lone}, "text")]:
+        raw = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as the escape \ud800
+        err = openai_error(post(path, content=raw, headers={"Content-Type": "application/json"}), 422)
+        assert err["param"] == field and "surrogate" in err["message"]
+
+
+def test_an_empty_api_key_is_refused(alpha):
+    _, pool = alpha
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(pool, api_key="")

@@ -33,6 +33,12 @@ class Model:
     last_used: float = 0.0
     loads: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
+    max_token_bytes: int = field(init=False)  # the most bytes of text one token stands for
+
+    def __post_init__(self) -> None:
+        # An invalid UTF-8 piece decodes to U+FFFD, 3 bytes for each byte it stands for: an
+        # overestimate, which is the safe side for the bound the server draws from it.
+        self.max_token_bytes = max(len(self.tokenizer.decode([i]).encode()) for i in range(self.tokenizer.vocab_size))
 
 
 def parse_models(specs: Sequence[str]) -> dict[str, Path]:

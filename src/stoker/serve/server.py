@@ -1,8 +1,10 @@
 """The HTTP server: an OpenAI-compatible completions endpoint and a stable task-level API.
 
-Errors follow the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
-401 no or wrong API key, 404 unknown model, 400 prompt longer than the context, 422 a
-malformed request (the field named), 429 queue full (with Retry-After).
+Every error, whatever the route, has the OpenAI shape `{"error": {"message", "type", "param",
+"code"}}`: 401 no or wrong API key, 404 unknown model or path, 405 wrong method, 400 prompt
+longer than the context, 413 body over the size limit, 422 a malformed request (the field
+named), 429 queue full (with Retry-After), 500 a fault of the server (that request only). A
+stream that fails ends with one such error as an event, then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from stoker.serve.engine import EngineClosed, Event, Handle, QueueFull, SamplingParams
 from stoker.serve.metrics import ServeMetrics
 from stoker.serve.models import Model, ModelPool, UnknownModel
 
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 4 << 20  # a prompt that fills a 32k context is ~130 KB; lists of prompts fit too
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -38,29 +44,55 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
+def _error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+class _ASCIIJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        # Escaped to ASCII: a message that quotes the client's input renders whatever it holds.
+        return json.dumps(content).encode()
+
+
 def _error(status: int, message: str, type_: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _ASCIIJSON(_error_body(status, message, type_, param), status_code=status, headers=headers)
 
 
 class _Body(BaseModel):
     # Fields of the public APIs that stoker does not implement (user, logprobs...) are ignored.
     model_config = ConfigDict(extra="ignore")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        # JSON can carry a lone surrogate ("\ud800"), which no tokenizer or UTF-8 output takes.
+        for s in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if isinstance(s, str):
+                try:
+                    s.encode()
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"not valid Unicode: a lone surrogate at index {e.start}") from None
+        return value
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+TEMPERATURE = "in [0, 2]; 0 is greedy, and any value above it samples (the tiniest pick the top token)"
+TOP_P = "in (0, 1]: sample from the most likely tokens that reach this probability (the top one always)"
+SEED = "an integer in [-2**63, 2**64 - 1]; the same seed and request give the same text"
 
 
 class CompletionRequest(_Body):
     model: str | None = None
     prompt: str | list[str] = Field(min_length=1)
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, description=TEMPERATURE)
+    top_p: float = Field(1.0, gt=0, le=1, description=TOP_P)
     top_k: int = Field(0, ge=0, description="stoker extension: sample from the K most likely tokens (0: all)")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description=SEED)
     n: int = Field(1, ge=1, le=1, description="one completion per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -70,10 +102,10 @@ class TextGenerationRequest(_Body):
     model: str | None = None
     text: str
     max_new_tokens: int = Field(20, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2, description=TEMPERATURE)
     top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    top_p: float = Field(1.0, gt=0, le=1, description=TOP_P)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description=SEED)
     stop: list[str] = Field(default_factory=list, max_length=4)
 
 
@@ -99,11 +131,20 @@ class _Run:
         self.loop = asyncio.get_running_loop()
 
     def prompt_ids(self, text: str) -> list[int]:
-        ids = self.model.tokenizer.encode(text) or [self.model.tokenizer.eot_id]
-        if len(ids) >= self.model.context:
-            raise APIError(400, f"prompt is {len(ids)} tokens; the context of model {self.model.name!r} is "
-                                f"{self.model.context} tokens, so a prompt may hold at most {self.model.context - 1}",
-                           param="prompt", type_="context_length_exceeded")
+        """The prompt's ids, or APIError 400 when it cannot fit; blocking (call it from a thread)."""
+        m = self.model
+        fits = f"the context of model {m.name!r} is {m.context} tokens, so a prompt may hold at most {m.context - 1}"
+        # No token spans more than m.max_token_bytes bytes, so a longer text than this has too many
+        # tokens for sure: refused without tokenizing it, which would cost about 1 s per MB.
+        n_bytes = len(text.encode())
+        if n_bytes > (m.context - 1) * m.max_token_bytes:
+            raise APIError(400, f"prompt is {n_bytes} bytes, so at least {-(-n_bytes // m.max_token_bytes)} tokens; "
+                                f"{fits}", param="prompt", type_="context_length_exceeded")
+        # encode_batch, unlike encode, lets other threads run meanwhile (the event loop's, say).
+        ids = m.tokenizer.encode_batch([text])[0] or [m.tokenizer.eot_id]
+        if len(ids) >= m.context:
+            raise APIError(400, f"prompt is {len(ids)} tokens; {fits}", param="prompt",
+                           type_="context_length_exceeded")
         return ids
 
     async def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> None:
@@ -120,14 +161,31 @@ class _Run:
                 self.cancel()
                 raise APIError(400, str(e), param="prompt") from None
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+    async def events(self, request: Request) -> AsyncIterator[tuple[int, Event]]:
+        """Events until every prompt has finished; APIError 500 if one failed, 499 if the client left."""
         pending = len(self.handles)
-        while pending:
-            i, ev = await self.queue.get()
-            if ev.error:
-                raise RuntimeError(ev.error)
-            pending -= ev.finish_reason is not None
-            yield i, ev
+        get: asyncio.Future | None = None
+        check_at = self.loop.time() + DISCONNECT_POLL_S
+        try:
+            while pending:
+                get = get or asyncio.ensure_future(self.queue.get())
+                await asyncio.wait([get], timeout=max(0.0, check_at - self.loop.time()))
+                if self.loop.time() >= check_at:
+                    # A client that hung up would otherwise keep its generation running to the end.
+                    if await request.is_disconnected():
+                        raise APIError(499, "the client closed the request", "client_closed_request")
+                    check_at = self.loop.time() + DISCONNECT_POLL_S
+                if not get.done():
+                    continue
+                i, ev = get.result()
+                get = None
+                if ev.error:
+                    raise APIError(500, f"generation failed: {ev.error}", "server_error")
+                pending -= ev.finish_reason is not None
+                yield i, ev
+        finally:
+            if get is not None:
+                get.cancel()
 
     def cancel(self) -> None:
         for h in self.handles:
@@ -136,23 +194,22 @@ class _Run:
 
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
             stop: tuple[str, ...]) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop=stop)
+    except ValueError as e:  # the request's fields are validated first; this is what they let through
+        raise APIError(422, str(e), param=str(e).partition(":")[0]) from None
 
 
-def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
-    """The ASGI app over a model pool; `api_key` set: every route but /health needs `Authorization: Bearer KEY`."""
+def create_app(pool: ModelPool, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The ASGI app over a model pool. `api_key` set: every path but /health (the API docs too)
+    needs `Authorization: Bearer KEY`. Bodies over `max_body_bytes` get 413 unread."""
+    if api_key is not None and not api_key:
+        raise ValueError("api_key: empty; give a key, or None to serve without one")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes: must be >= 1, got {max_body_bytes}")
     metrics: ServeMetrics = pool.metrics
-
-    async def check_key(request: Request) -> None:
-        if api_key is None or request.url.path == "/health":
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", "authentication_error",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    app = FastAPI(title="stoker", description="Text in, text out, from stoker checkpoints.",
-                  dependencies=[Depends(check_key)])
+    app = FastAPI(title="stoker", description="Text in, text out, from stoker checkpoints.")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -161,9 +218,21 @@ def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
+        if errs and errs[0]["type"] == "json_invalid":  # its loc holds a character offset, not a field
+            return _error(422, f"body: not valid JSON ({errs[0].get('ctx', {}).get('error', 'decode error')})",
+                          "invalid_request_error", "body")
         fields = [".".join(str(p) for p in err["loc"] if p != "body") or "body" for err in errs]
         msg = "; ".join(f"{f}: {err['msg']}" for f, err in zip(fields, errs))
         return _error(422, msg, "invalid_request_error", fields[0] if fields else None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type_, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return _error(500, f"internal error ({type(e).__name__}); the server goes on serving", "server_error")
 
     def model_or_404(name: str | None) -> Model:
         try:
@@ -172,6 +241,7 @@ def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
             raise APIError(404, f"model {name!r} not found; available: {', '.join(pool.names)}", param="model",
                            type_="not_found_error") from None
 
+    @app.head("/health", include_in_schema=False)  # load balancers' checks
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": pool.names,
@@ -188,12 +258,12 @@ def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
              "context_length": m.context, "loaded": m.engine is not None} for m in pool.models.values()]}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> dict | StreamingResponse:
+    async def completions(req: CompletionRequest, request: Request) -> dict | StreamingResponse:
         model = model_or_404(req.model)
         run = _Run(pool, model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        ids = [run.prompt_ids(p) for p in prompts]
         params = _params(req.max_tokens, req.temperature, req.top_k, req.top_p, req.seed, _stops(req.stop))
+        ids = await asyncio.to_thread(lambda: [run.prompt_ids(p) for p in prompts])
         await run.start(ids, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model.name}
@@ -207,22 +277,26 @@ def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
         if req.stream:
             async def sse() -> AsyncIterator[str]:
                 try:
-                    async for i, ev in run.events():
+                    async for i, ev in run.events(request):
                         add_usage(ev)
                         if ev.text or ev.finish_reason:
                             choice = {"text": ev.text, "index": i, "logprobs": None, "finish_reason": ev.finish_reason}
                             yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
                     if req.stream_options and req.stream_options.include_usage:
                         yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-                    yield "data: [DONE]\n\n"
+                except Exception as e:  # the status is sent already: the error goes in the stream
+                    e = e if isinstance(e, APIError) else APIError(500, f"internal error ({type(e).__name__})",
+                                                                   "server_error")
+                    yield f"data: {json.dumps(_error_body(e.status, e.message, e.type, e.param))}\n\n"
                 finally:
-                    run.cancel()  # the client went away: stop generating for it
+                    run.cancel()  # the client went away, or it failed: stop generating for it
+                yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         texts, reasons = [""] * len(ids), [None] * len(ids)
         try:
-            async for i, ev in run.events():
+            async for i, ev in run.events(request):
                 texts[i] += ev.text
                 reasons[i] = ev.finish_reason or reasons[i]
                 add_usage(ev)
@@ -233,15 +307,15 @@ def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
         return {**head, "choices": choices, "usage": usage}
 
     @app.post("/api/v1/task/text-generation")
-    async def text_generation(req: TextGenerationRequest) -> dict:
+    async def text_generation(req: TextGenerationRequest, request: Request) -> dict:
         model = model_or_404(req.model)
         run = _Run(pool, model)
-        ids = run.prompt_ids(req.text)
-        await run.start([ids], _params(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.seed,
-                                       _stops(req.stop)))
+        params = _params(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.seed, _stops(req.stop))
+        ids = await asyncio.to_thread(run.prompt_ids, req.text)
+        await run.start([ids], params)
         text, last = "", None
         try:
-            async for _, ev in run.events():
+            async for _, ev in run.events(request):
                 text, last = text + ev.text, ev
         finally:
             run.cancel()
@@ -249,17 +323,23 @@ def create_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
                 "input_token_count": len(ids), "generated_token_count": last.completion_tokens}
 
     @app.post("/api/v1/task/tokenization")
-    async def tokenization(req: TokenizationRequest) -> dict:
+    async def tokenization(req: TokenizationRequest) -> Response:
         model = model_or_404(req.model)
-        ids = model.tokenizer.encode(req.text)
-        return {"model": model.name, "token_count": len(ids), "token_ids": ids,
-                "tokens": [model.tokenizer.decode([i]) for i in ids]}
 
-    return _count_requests(app, metrics)
+        def answer() -> bytes:  # a few MB of text take seconds: off the event loop, rendering included
+            ids = model.tokenizer.encode_batch([req.text])[0]
+            return json.dumps({"model": model.name, "token_count": len(ids), "token_ids": ids,
+                               "tokens": [model.tokenizer.decode([i]) for i in ids]}).encode()
+
+        return Response(await asyncio.to_thread(answer), media_type="application/json")
+
+    return _guard(app, metrics, api_key, max_body_bytes)
 
 
-def _count_requests(app: FastAPI, metrics: ServeMetrics) -> Any:
-    """ASGI wrapper counting responses by route and status (unknown paths as 'other', to bound the labels)."""
+def _guard(app: FastAPI, metrics: ServeMetrics, api_key: str | None, max_body_bytes: int) -> Any:
+    """ASGI wrapper: checks the API key, bounds the body, counts responses by route and status
+    (unknown paths as 'other', to bound the labels). Before FastAPI, so that it covers every path
+    (the API docs too) and a body over the limit is never buffered whole."""
     routes = {getattr(r, "path", None) for r in app.routes}
 
     async def wrapped(scope, receive, send):
@@ -272,7 +352,36 @@ def _count_requests(app: FastAPI, metrics: ServeMetrics) -> Any:
                 metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
-        await app(scope, receive, counting_send)
+        async def refuse(status: int, message: str, type_: str, headers: dict | None = None) -> None:
+            await _error(status, message, type_, headers=headers)(scope, receive, counting_send)
+
+        headers = Headers(scope=scope)
+        if api_key is not None and scope["path"] != "/health":
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+                return await refuse(401, "missing or wrong API key; send 'Authorization: Bearer KEY'",
+                                    "authentication_error", {"WWW-Authenticate": "Bearer"})
+        too_large = f"request body over the server's limit of {max_body_bytes} bytes"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            return await refuse(413, too_large, "invalid_request_error")
+        # Read here, counting, so that a body without Content-Length (chunked) is stopped at the limit too.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before it finished sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > max_body_bytes:
+                return await refuse(413, too_large, "invalid_request_error")
+            more = message.get("more_body", False)
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return body.pop() if body else await receive()
+
+        await app(scope, replay, counting_send)
 
     wrapped.app = app
     return wrapped
@@ -319,7 +428,7 @@ class BackgroundServer:
 
 def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_loaded: int = 1, max_queue: int = 64, kv_budget_mb: int = 1024,
-          log_level: str = "info") -> None:
+          max_body_mb: float = MAX_BODY_BYTES / 2**20, log_level: str = "info") -> None:
     """Serve `RUN_DIR` or `NAME=RUN_DIR` entries until interrupted (what `stoker serve` runs)."""
     from stoker.config import ConfigError
     from stoker.serve.models import parse_models
@@ -328,9 +437,13 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
                                ("--kv-budget-mb", kv_budget_mb, 1)):
         if value < least:
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")
+    if not max_body_mb > 0:
+        raise ConfigError(f"--max-body-mb: must be > 0, got {max_body_mb}")
+    if api_key is not None and not api_key:
+        raise ConfigError("--api-key (or $STOKER_API_KEY) is empty; give a key, or unset it to serve without one")
     pool = ModelPool(parse_models(run_dirs), max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                      kv_budget_bytes=kv_budget_mb << 20)
-    app = create_app(pool, api_key)
+    app = create_app(pool, api_key, max_body_bytes=max(1, int(max_body_mb * 2**20)))
     sock = bind(host, port)
     print(f"stoker serve: models {', '.join(pool.names)} on {url_of(sock)}", flush=True)
     try:
