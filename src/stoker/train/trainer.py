@@ -247,18 +247,23 @@ def state_bytes(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer])
 def train(cfg: Config) -> dict:
     """Train (or resume) per `cfg`; returns a summary. Works for one process or under torchrun."""
     info = init_distributed(cfg.train.device)
+    held: list = []  # the run directory's lock, released however the run ends
     try:
-        summary = _train(cfg, info)
+        summary = _train(cfg, info, held)
     except BaseException:
         # No barrier on the way out: the other ranks may never reach it.
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
+    finally:
+        for f in held:
+            if f is not None:
+                f.close()
     shutdown()
     return summary
 
 
-def _train(cfg: Config, info: DistInfo) -> dict:
+def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     t, pcfg = cfg.train, cfg.parallel
     if info.world > 1 and pcfg.world == 1:
         # Plain `torchrun --nproc_per_node N -m stoker train`: data parallel over all N (DDP).
@@ -300,7 +305,7 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     # Ranks whose loss enters the mean: one per (dp, tp) pair, each tp rank holding the same loss.
     n_loss_ranks = dp_world * pcfg.tp
 
-    lock = _lock_run_dir(out, info)  # held until this process ends
+    held.append(_lock_run_dir(out, info))
     start = 0
     found = find_checkpoint(out, set_aside=True)
     if found is not None:
@@ -437,7 +442,8 @@ MAX_SKIPPED = 5
 
 def _lock_run_dir(out: Path, info: DistInfo):
     """Rank 0 creates and locks the run directory and clears a crash's partial saves; every
-    rank raises the same ConfigError when it cannot."""
+    rank raises the same ConfigError when it cannot. Returns the lock (a file to keep open;
+    None on other ranks)."""
     lock, err = None, None
     if info.is_main:
         try:
