@@ -28,3 +28,18 @@ def test_cpu_peak_is_robust_to_busy_cores_and_cached(monkeypatch, tmp_path):
     assert metrics.peak_flops(torch.device("cpu"), "fp32") == 4.0 and len(calls) == 2  # from the cache
     metrics.peak_flops(torch.device("cpu"), "bf16", cache=False)
     assert len(json.loads(cache.read_text())) == 1  # cache=False: used, not kept
+
+
+def test_probe_stays_short_where_a_dtype_is_emulated(monkeypatch):
+    """A CPU without bf16 instructions took 64 s per 2048 product; the probe must not wait on that."""
+    import time
+
+    def slow_mm(a, b):  # 1000x below a real peak: 2048^3 would take ~31 s
+        time.sleep((a.shape[0] / 256) ** 3 * 0.06)
+
+    monkeypatch.setattr(metrics.torch, "mm", slow_mm)
+    t0 = time.perf_counter()
+    flops = metrics.measure_matmul_flops(torch.bfloat16)
+    assert time.perf_counter() - t0 < 5
+    # It stopped at 512 (0.48 s a product); the figure is that size's rate, within sleep jitter.
+    assert 0.8 < flops / (2 * 512**3 / 0.48) <= 1.01

@@ -38,17 +38,29 @@ def _cpu_name() -> str:
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n x n matmul on the CPU with torch's current thread count."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm-up: first call picks kernels
+    """Best FLOP/s of a square matmul of size up to n on the CPU with torch's current thread count.
+
+    The size grows from 256 while one product takes under a tenth of `seconds`: a CPU without
+    bf16 instructions can run bf16 a thousand times below its fp32 peak (measured: a 2048
+    product took 64 s on one such machine), and a fixed size would make the probe take minutes.
+    """
+    size = 256
+    while True:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        t = time.perf_counter()
+        torch.mm(a, b)  # also the warm-up: the first call picks kernels
+        if size >= n or time.perf_counter() - t > seconds / 10:
+            break
+        size *= 2
     best = 0.0
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while True:
         t = time.perf_counter()
         torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+        best = max(best, 2 * size**3 / (time.perf_counter() - t))
+        if time.perf_counter() >= end:
+            return best
 
 
 def peak_flops(device: torch.device, dtype: str, cache: bool = True) -> float:
