@@ -48,11 +48,6 @@ def _fastest_dtype() -> tuple[str, str]:
     return verdict, f"measured matmul peak: bf16 {bf16 / 1e12:.2f}, fp32 {fp32 / 1e12:.2f} TFLOP/s"
 
 
-# Written into the demo's run directory: the demo restarts from scratch by deleting only a
-# directory that holds this mark, never one it did not create.
-MARK = DEMO_MARK
-
-
 def _fresh_out_dir(data_dir: Path, out_dir: Path) -> None:
     """Empty `out_dir` for a new demo run, or ConfigError when it is not the demo's to empty."""
     data, out = data_dir.resolve(), out_dir.resolve()
@@ -62,12 +57,12 @@ def _fresh_out_dir(data_dir: Path, out_dir: Path) -> None:
     if out_dir.is_file() or out_dir.is_symlink():
         raise ConfigError(f"--out-dir {str(out_dir)!r} is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not (out_dir / MARK).is_file():
+        if not (out_dir / DEMO_MARK).is_file():  # the demo deletes only what it made
             raise ConfigError(f"--out-dir {str(out_dir)!r} is not empty and was not made by `stoker demo`; "
                               "choose a new or empty directory")
         shutil.rmtree(out_dir)  # the demo always starts from scratch
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARK).write_text("made by `stoker demo`; it deletes and rebuilds this directory on each run\n")
+    (out_dir / DEMO_MARK).write_text("made by `stoker demo`; it deletes and rebuilds this directory on each run\n")
 
 
 def demo(data_dir: str = "data/stdlib", out_dir: str = "runs/demo", minutes: float = 3.0) -> dict:

@@ -46,6 +46,16 @@ def end_with_parent(signum: int = signal.SIGTERM) -> None:
         pass
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank (itself without a process group): where rank 0 alone
+    looks at the file system and the others must act on the same answer."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun set up (if any) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from stoker.errors import RunError
+from stoker.parallel.mesh import from_rank0
 
 # DCP warns on every single-process save/load that it assumes a single process: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -203,10 +204,7 @@ def find_checkpoint(out_dir: str | Path, set_aside: bool = False,
                     ckpt.rename(dest)
                     note += f"; moved to {dest.name}"
                 warn(note + "; trying the previous one")
-    if dist.is_initialized():
-        box = [found]
-        dist.broadcast_object_list(box, src=0)
-        found = box[0]
+    found = from_rank0(found)
     return (Path(found[0]), found[1]) if found is not None else None
 
 

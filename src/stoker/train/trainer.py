@@ -22,7 +22,8 @@ from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
 from stoker.data.prepare import load_meta, load_split
 from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
-from stoker.parallel.mesh import DistInfo, build_mesh, dp_rank_world, init_distributed, local_shard, shutdown
+from stoker.parallel.mesh import (DistInfo, build_mesh, dp_rank_world, from_rank0, init_distributed, local_shard,
+                                  shutdown)
 from stoker.parallel.parallelize import apply_ddp, parallelize, uses_ddp
 from stoker.parallel.pipeline import TiedGradSync, build_schedule, build_stages
 from stoker.errors import RunError
@@ -452,11 +453,7 @@ def _lock_run_dir(out: Path, info: DistInfo):
                 print(f"stoker: removed {p}, a checkpoint left half-written by an earlier crash", flush=True)
         except ConfigError as e:
             err = str(e)
-    if dist.is_initialized():
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
-    if err is not None:
+    if (err := from_rank0(err)) is not None:
         raise ConfigError(err)
     return lock
 
