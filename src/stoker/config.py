@@ -111,6 +111,8 @@ class TrainConfig:
 
 
 PP_SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b"]
+GRAD_COMPRESSION = ["none", "bf16", "fp16", "powersgd"]
+SYNC_MODES = ["step", "diloco", "streaming"]
 
 
 @dataclass
@@ -135,6 +137,28 @@ class ParallelConfig:
     fsdp_prefetch: int = _opt(1, "FSDP2: blocks whose all-gather is issued ahead, forward and backward")
     param_dtype: str = _opt("auto", "FSDP2 compute dtype of gathered parameters: auto (train.dtype), fp32, bf16")
     reduce_dtype: str = _opt("fp32", "FSDP2 gradient reduce-scatter dtype: fp32 or bf16")
+    # Across hosts (docs/ethernet.md).
+    ifname: str = _opt("", "network interface that gloo/NCCL use between hosts (e.g. eth0); empty: the system's choice")
+    connect_timeout_s: float = _opt(60.0, "seconds a process keeps trying to reach the master before it fails")
+    bucket_mb: float = _opt(25.0, "DDP: gradient bucket size in MB (smaller: the first all-reduce starts earlier "
+                                  "in backward, more messages)")
+    grad_compression: str = _opt(
+        "none", f"DDP gradient exchange: {', '.join(GRAD_COMPRESSION)} (powersgd: low-rank with error feedback)")
+    powersgd_rank: int = _opt(4, "PowerSGD: rank of each gradient matrix's approximation")
+    powersgd_warmup: int = _opt(10, "PowerSGD: steps of exact all-reduce before compression starts (>= 2)")
+    sync: str = _opt(
+        "step", "how replicas agree: step (gradients every step: DDP/FSDP), diloco (each replica takes "
+                "parallel.sync_every local steps, then an outer Nesterov step on the averaged change), streaming "
+                "(diloco in parallel.sync_fragments fragments at staggered steps, each exchange overlapping "
+                "parallel.sync_overlap steps of compute)")
+    sync_every: int = _opt(8, "diloco/streaming: local steps between a fragment's synchronizations (H)")
+    sync_fragments: int = _opt(4, "streaming: fragments of the model, synchronized at staggered steps")
+    sync_overlap: int = _opt(1, "streaming: local steps a fragment's exchange has to finish in, hidden behind them")
+    sync_dtype: str = _opt("fp32", "diloco/streaming: dtype of the exchanged parameter change: fp32 or bf16")
+    outer_lr: float = _opt(0.7, "diloco/streaming: outer learning rate (1 with outer_momentum 0: plain averaging)")
+    outer_momentum: float = _opt(0.9, "diloco/streaming: outer Nesterov momentum, 0 to < 1")
+    auto: bool = _opt(False, "let `stoker plan` pick the layout and communication settings for these processes")
+    link_gbps: float = _opt(0.0, "parallel.auto: bandwidth between hosts in Gbit/s; 0: measured at start")
 
     def validate(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "pp_stages_per_rank", "fsdp_prefetch"):
@@ -147,6 +171,32 @@ class ParallelConfig:
         self.reshard()
         _choice("parallel.param_dtype", self.param_dtype, ["auto", "fp32", "bf16"])
         _choice("parallel.reduce_dtype", self.reduce_dtype, ["fp32", "bf16"])
+        _choice("parallel.grad_compression", self.grad_compression, GRAD_COMPRESSION)
+        _choice("parallel.sync", self.sync, SYNC_MODES)
+        _choice("parallel.sync_dtype", self.sync_dtype, ["fp32", "bf16"])
+        for name in ("powersgd_rank", "sync_every", "sync_fragments"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.sync_overlap < 0:
+            raise ConfigError(f"parallel.sync_overlap: must be >= 0, got {self.sync_overlap}")
+        if self.powersgd_warmup < 2:
+            raise ConfigError(f"parallel.powersgd_warmup: must be >= 2 (DDP settles its buckets in the first "
+                              f"steps), got {self.powersgd_warmup}")
+        if self.bucket_mb <= 0 or self.connect_timeout_s <= 0 or self.outer_lr <= 0 or self.link_gbps < 0:
+            bad = next(n for n in ("bucket_mb", "connect_timeout_s", "outer_lr", "link_gbps")
+                       if getattr(self, n) < 0 or (n != "link_gbps" and getattr(self, n) == 0))
+            raise ConfigError(f"parallel.{bad}: must be > 0, got {getattr(self, bad)}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"parallel.outer_momentum: must be >= 0 and < 1, got {self.outer_momentum}")
+        if self.sync == "streaming" and self.sync_overlap >= self.sync_every:
+            raise ConfigError(f"parallel.sync_overlap: {self.sync_overlap} must be smaller than parallel.sync_every "
+                              f"{self.sync_every} (a fragment's exchange must end before its next one starts)")
+        if self.sync != "step" and (self.dp_shard, self.tp, self.pp) != (1, 1, 1):
+            raise ConfigError(f"parallel.sync: {self.sync} runs whole-model replicas (parallel.dp_replicate only); "
+                              f"got {self.describe()}")
+        if self.grad_compression != "none" and (self.dp_shard, self.tp, self.pp) != (1, 1, 1):
+            raise ConfigError(f"parallel.grad_compression: {self.grad_compression} is a DDP setting (parallel."
+                              f"dp_replicate only; FSDP2 has parallel.reduce_dtype); got {self.describe()}")
 
     @property
     def dp(self) -> int:
