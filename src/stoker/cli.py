@@ -85,16 +85,18 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _launch(nproc: int, argv: list[str]) -> int:
-    """Run this same command under torchrun with `nproc` processes; relay one stop request."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stoker", *argv]
+def _launch(nproc: int, argv: list[str], env: dict[str, str] | None = None, **rendezvous) -> int:
+    """Run this same command under torchrun with `nproc` processes on this host (one of
+    several with `rendezvous`: see stoker.launch.torchrun_command); relay one stop request."""
+    from stoker.launch import torchrun_command
+
+    cmd = torchrun_command(nproc, argv, **rendezvous)
     # Its own session: a terminal's Ctrl-C reaches torchrun only through us, once.
     from stoker.parallel.mesh import end_with_parent
 
     # Killed with SIGKILL, we cannot relay anything: the kernel tells torchrun instead, which
     # stops its workers (and they end with it, see init_distributed).
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=end_with_parent)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=end_with_parent, env=env)
     signals = []
 
     def relay(signum, frame):
@@ -119,24 +121,31 @@ def _launch(nproc: int, argv: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
-        if args.nproc > 1:
-            par = cfg.parallel
-            if par.world not in (1, args.nproc):
+        hosts = args.nnodes > 1 or args.master is not None
+        if args.nproc > 1 or hosts:
+            par, world = cfg.parallel, args.nproc * args.nnodes
+            procs = f"--nnodes {args.nnodes} x --nproc {args.nproc} = {world}" if hosts else f"--nproc {args.nproc}"
+            if par.world not in (1, world):
                 raise ConfigError(
                     f"parallel.pp={par.pp} x parallel.dp_replicate={par.dp_replicate} x parallel.dp_shard={par.dp_shard} "
-                    f"x parallel.tp={par.tp} = {par.world} does not match --nproc {args.nproc}"
+                    f"x parallel.tp={par.tp} = {par.world} does not match {procs}"
                 )
             if par.world == 1:
-                par.dp_replicate = args.nproc  # what the workers will run: data parallel over all of them
+                par.dp_replicate = world  # what the workers will run: data parallel over all of them
                 cfg.validate()  # a batch that N processes cannot split: one line here, not one per worker
             argv = ["train"] + ([args.config] if args.config else []) + overrides
+            from stoker.launch import prepare_host
+
+            env = prepare_host(args.nnodes, args.node_rank, args.master, par.ifname, par.connect_timeout_s)
             if cfg.train.device != "cuda":
                 import torch
 
                 from stoker.train.metrics import peak_flops
 
                 peak_flops(torch.device("cpu"), cfg.train.dtype)  # probe the CPU's peak while it is idle
-            return _launch(args.nproc, argv)
+            rendezvous = dict(nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
+                              connect_timeout_s=par.connect_timeout_s) if hosts else {}
+            return _launch(args.nproc, argv, env, **rendezvous)
         from stoker.train.trainer import train
 
         summary = train(cfg)
@@ -272,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
     pt.add_argument("--nproc", type=int, default=1,
                     help="launch N processes under torchrun; the parallel.* sizes split them (default: all DDP)")
+    pt.add_argument("--nnodes", type=int, default=1,
+                    help="hosts taking part (run this command on each, with the same --master and its own "
+                         "--node-rank); the parallel.* sizes multiply to --nnodes x --nproc")
+    pt.add_argument("--node-rank", type=int, default=0, help="this host's rank, 0 .. --nnodes - 1 (0: the master)")
+    pt.add_argument("--master", metavar="HOST:PORT", default=None,
+                    help="node 0's address and a free port there, reachable from every host (e.g. 10.0.0.1:29500)")
 
     pc = sub.add_parser("config", help="print the resolved config as TOML",
                         formatter_class=argparse.RawDescriptionHelpFormatter,

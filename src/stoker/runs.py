@@ -5,10 +5,15 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
+import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from stoker.config import ConfigError
+
+if TYPE_CHECKING:
+    from stoker.parallel.mesh import DistInfo
 
 LOCK = ".lock"
 DEMO_MARK = ".stoker-demo"  # `stoker demo` may delete and rebuild a directory holding it
@@ -47,3 +52,53 @@ def open_run_dir(out: str | Path) -> IO[str]:
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
+
+
+VISIBLE_PREFIX = ".stoker-visible-"
+
+
+def check_visible_to_all(out: Path, info: DistInfo) -> None:
+    """Collective, on every rank once the run directory exists: with more than one host, rank 0
+    writes a token file in `out` and every rank reads it back. A host that cannot see it would
+    save its checkpoint shards where no other host finds them, so every rank raises the same
+    ConfigError naming the hosts that cannot. One host: nothing to check, no collective."""
+    if info.hosts <= 1:
+        return
+    import torch.distributed as dist
+
+    from stoker.parallel.mesh import from_rank0
+
+    token = None
+    if info.is_main:
+        token = f"{VISIBLE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            (Path(out) / token).write_text(token)
+        except OSError:
+            token = None  # rank 0 sees its own directory; other checks report a failure to write there
+    token = from_rank0(token)  # also the barrier: the file exists before anyone looks
+    seen = token is not None and _sees(Path(out) / token, token)
+    results: list = [None] * info.world
+    dist.all_gather_object(results, (info.rank, socket.gethostname(), seen))
+    if info.is_main and token is not None:
+        (Path(out) / token).unlink(missing_ok=True)
+    blind: dict[str, int] = {}
+    for rank, host, ok in results:
+        if not ok:
+            blind.setdefault(host, rank)
+    if blind:
+        where = ", ".join(f"{h} (rank {r})" for h, r in blind.items())
+        raise ConfigError(f"train.out_dir: {str(out)!r} is not visible from host(s) {where}: "
+                          "checkpoints need storage every host sees (a shared file system)")
+
+
+def _sees(path: Path, token: str, tries: int = 5) -> bool:
+    # A network file system may show another host's new file a moment late.
+    for i in range(tries):
+        try:
+            if path.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if i + 1 < tries:
+            time.sleep(0.2)
+    return False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,15 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+    @property
+    def hosts(self) -> int:
+        """Hosts taking part: torchrun starts local_world processes on each."""
+        return max(1, self.world // max(1, self.local_world))
+
+    def host_of(self, rank: int) -> int:
+        """The host holding `rank` (torchrun numbers ranks host by host)."""
+        return rank // max(1, self.local_world)
 
 
 def end_with_parent(signum: int = signal.SIGTERM) -> None:
@@ -56,8 +67,10 @@ def from_rank0(value):
     return box[0]
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun set up (if any) and pick this rank's device."""
+def init_distributed(device: str = "auto", pcfg: ParallelConfig | None = None) -> DistInfo:
+    """Join the process group torchrun set up (if any) and pick this rank's device. With
+    `pcfg`: gloo/NCCL use parallel.ifname, and reaching the others is bounded by
+    parallel.connect_timeout_s (a ConfigError, not a hang)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,8 +86,43 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: end with its agent
         end_with_parent()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        _init_process_group(use_cuda, dev, rank, pcfg)
     return DistInfo(rank, world, local_rank, local_world, dev)
+
+
+def _init_process_group(use_cuda: bool, dev: torch.device, rank: int, pcfg: ParallelConfig | None) -> None:
+    backend = "nccl" if use_cuda else "gloo"
+    if pcfg is None:
+        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        return
+    from stoker.launch import check_ifname, socket_env
+
+    check_ifname(pcfg.ifname)
+    os.environ.update(socket_env(pcfg.ifname))  # read by gloo and NCCL when the group is made
+    # The group's timeout bounds its set-up too: the store connection and gloo's connections
+    # to every peer. It would also bound every later collective, and a checkpoint or an eval
+    # on one rank can keep the others waiting longer, so it is reset once connected.
+    limit = timedelta(seconds=pcfg.connect_timeout_s)
+    try:
+        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None, timeout=limit)
+    except (RuntimeError, TimeoutError, OSError) as e:  # torch's DistError family are RuntimeErrors
+        raise ConfigError(_connect_failure(e, rank, pcfg)) from None
+    try:
+        dist.distributed_c10d._set_pg_timeout(dist.distributed_c10d._get_default_timeout(backend))
+    except (AttributeError, ValueError, RuntimeError):
+        pass  # a torch without it keeps the connect timeout for collectives too
+
+
+def _connect_failure(e: BaseException, rank: int, pcfg: ParallelConfig) -> str:
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if isinstance(e, getattr(dist, "DistStoreError", ())) or "store" in why.lower() or "TCPStore" in why:
+        return (f"cannot reach the master {where} within {pcfg.connect_timeout_s:g} s (parallel.connect_timeout_s): "
+                f"is node 0 started, and the address right? ({why})")
+    iface = f"parallel.ifname={pcfg.ifname!r}" if pcfg.ifname else "parallel.ifname (unset: the system's choice)"
+    return (f"rank {rank} cannot connect to the other ranks within {pcfg.connect_timeout_s:g} s "
+            f"(parallel.connect_timeout_s, master {where}): check {iface} names the interface between the hosts "
+            f"({why})")
 
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -89,7 +137,24 @@ def build_mesh(pcfg: ParallelConfig, info: DistInfo) -> DeviceMesh | None:
         )
     if info.world == 1:
         return None
+    warn_cross_host_shards(pcfg, info)
     return init_device_mesh(info.device.type, tuple(getattr(pcfg, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+
+
+def warn_cross_host_shards(pcfg: ParallelConfig, info: DistInfo) -> None:
+    """One line on rank 0 when a dp_shard x tp group would span hosts: its all-gathers and
+    reduce-scatters run every step, so it belongs inside a host and replicas across hosts."""
+    inner = pcfg.dp_shard * pcfg.tp
+    if info.hosts <= 1 or info.local_world % inner == 0 or not info.is_main:
+        return
+    fix, shard, dp = "", info.local_world // pcfg.tp, pcfg.dp_replicate * pcfg.dp_shard
+    if info.local_world % pcfg.tp == 0:
+        rep = f" and parallel.dp_replicate={dp // shard}" if dp % shard == 0 else ""
+        fix = (f": set parallel.dp_shard={shard} (processes per host / parallel.tp){rep} to shard inside a host "
+               "and replicate across hosts (HSDP)")
+    print(f"stoker: warning: the parallel.dp_shard x parallel.tp groups ({inner} ranks) cross hosts "
+          f"({info.local_world} processes per host, {info.hosts} hosts), so every step's shard traffic goes "
+          f"between hosts{fix}", file=sys.stderr, flush=True)
 
 
 def dp_rank_world(mesh: DeviceMesh | None) -> tuple[int, int]:
