@@ -249,6 +249,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hosts(args: argparse.Namespace) -> int:
+    from stoker.parallel.hosts import MAX_HOSTS, EmulatedHosts, parse_rate
+
+    def fail(msg: str) -> int:
+        print(f"stoker hosts: {msg}", file=sys.stderr)
+        return USAGE_ERROR
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if cmd[:1] != ["train"]:
+        return fail("give the command after --, e.g. stoker hosts --hosts 2 -- train --parallel.dp_replicate=2")
+    if not 1 <= args.hosts <= MAX_HOSTS:
+        return fail(f"--hosts: must be 1 .. {MAX_HOSTS}, got {args.hosts}")
+    if args.nproc_per_host < 1:
+        return fail(f"--nproc-per-host: must be >= 1, got {args.nproc_per_host}")
+    try:
+        if args.rate is not None:
+            parse_rate(args.rate, "--rate")
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt  # a kill ends like Ctrl-C: the hosts stop and are removed
+
+        signal.signal(signal.SIGTERM, stop)
+        with EmulatedHosts(args.hosts, args.rate, pin=not args.no_pin) as h:
+            r = h.run(cmd, nproc_per_host=args.nproc_per_host, timeout=args.timeout or float("inf"), echo=True)
+    except ConfigError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+    for run in r.hosts:
+        print(f"host {run.host} ({h.addr(run.host)}): exit {run.returncode}, sent {run.tx_bytes / 1e6:,.2f} MB, "
+              f"received {run.rx_bytes / 1e6:,.2f} MB")
+    print(f"{args.hosts} hosts, {args.rate or 'unlimited'} links: {r.seconds:.1f} s"
+          + (f" (stopped at --timeout {args.timeout:g} s)" if r.timed_out else ""))
+    return r.worst or (124 if r.timed_out else 0)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stoker.demo import demo
 
@@ -339,6 +375,28 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--max-body-mb", type=float, default=4,
                     help="largest request body in MiB; a larger one gets 413 without being read (default 4)")
 
+    ph = sub.add_parser("hosts", help="run `stoker train` across K hosts emulated on this machine (root)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Emulate K hosts on this machine and run `stoker train ARGS` across them, one\n"
+                                    "node per host (--nnodes K, host 0 the master). Each host is a network namespace\n"
+                                    "with its own interface on a shared bridge, its link limited to --rate each way\n"
+                                    "(tc tbf), its processes pinned to their own cores with one thread each. Prints\n"
+                                    "every host's output, then its exit code and the bytes its link sent and\n"
+                                    "received; exits with the worst exit code. The namespaces, bridge and links are\n"
+                                    "removed however the run ends. Needs root (ip netns, tc).",
+                        epilog="example:\n  stoker hosts --hosts 2 --rate 1gbit --nproc-per-host 2 -- train "
+                               "--parallel.dp_replicate=2 --parallel.dp_shard=2")
+    ph.add_argument("--hosts", type=int, required=True, metavar="K", help="number of emulated hosts")
+    ph.add_argument("--rate", default=None, help="link rate each way, e.g. 100mbit, 250mbit, 1gbit, 500kbit "
+                                                 "(default: unlimited)")
+    ph.add_argument("--nproc-per-host", type=int, default=1, metavar="P", help="processes per host (default 1)")
+    ph.add_argument("--no-pin", action="store_true",
+                    help="let the processes run on any core (default: host i on its own cores, wrapping around)")
+    ph.add_argument("--timeout", type=float, default=0, metavar="S",
+                    help="stop every host after S seconds (default 0: no limit)")
+    ph.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- train ARGS",
+                    help="the `stoker train` arguments for every host")
+
     pd = sub.add_parser("demo", help="prepare the stdlib corpus, train a small model, show a sample")
     pd.add_argument("--data-dir", default="data/stdlib")
     pd.add_argument("--out-dir", default="runs/demo")
@@ -370,7 +428,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return cmd_generate(args, argv)
     return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo,
-            "serve": cmd_serve}[args.command](args)
+            "serve": cmd_serve, "hosts": cmd_hosts}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ def _init_process_group(use_cuda: bool, dev: torch.device, rank: int, pcfg: Para
 def _connect_failure(e: BaseException, rank: int, pcfg: ParallelConfig) -> str:
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    if isinstance(e, getattr(dist, "DistStoreError", ())) or "store" in why.lower() or "TCPStore" in why:
+    # The store (at the master) is reached first; gloo's own connections to each peer come after.
+    store_errors = tuple(getattr(dist, n) for n in ("DistStoreError", "DistNetworkError") if hasattr(dist, n))
+    if isinstance(e, store_errors) or "store" in why.lower():
         return (f"cannot reach the master {where} within {pcfg.connect_timeout_s:g} s (parallel.connect_timeout_s): "
                 f"is node 0 started, and the address right? ({why})")
     iface = f"parallel.ifname={pcfg.ifname!r}" if pcfg.ifname else "parallel.ifname (unset: the system's choice)"
@@ -150,8 +152,8 @@ def warn_cross_host_shards(pcfg: ParallelConfig, info: DistInfo) -> None:
     fix, shard, dp = "", info.local_world // pcfg.tp, pcfg.dp_replicate * pcfg.dp_shard
     if info.local_world % pcfg.tp == 0:
         rep = f" and parallel.dp_replicate={dp // shard}" if dp % shard == 0 else ""
-        fix = (f": set parallel.dp_shard={shard} (processes per host / parallel.tp){rep} to shard inside a host "
-               "and replicate across hosts (HSDP)")
+        how = "replicate across hosts (DDP)" if shard == 1 else "shard inside a host and replicate across hosts (HSDP)"
+        fix = f": set parallel.dp_shard={shard} (processes per host / parallel.tp){rep} to {how}"
     print(f"stoker: warning: the parallel.dp_shard x parallel.tp groups ({inner} ranks) cross hosts "
           f"({info.local_world} processes per host, {info.hosts} hosts), so every step's shard traffic goes "
           f"between hosts{fix}", file=sys.stderr, flush=True)
