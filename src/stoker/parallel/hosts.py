@@ -54,6 +54,7 @@ class HostRun:
     stderr: str
     tx_bytes: int
     rx_bytes: int
+    stopped: bool = False  # ended by us (timeout, Ctrl-C, another host's failure), not on its own
 
 
 @dataclass
@@ -68,9 +69,12 @@ class HostsResult:
 
     @property
     def worst(self) -> int:
-        """The exit code to report for all of them: 0 if all succeeded, else the largest
-        (a death by signal N counts as 128 + N, as a shell reports it)."""
-        return max((c if c >= 0 else 128 - c for c in self.returncodes), default=0)
+        """The exit code to report for all of them: 0 if all succeeded, else the largest (a
+        death by signal N counts as 128 + N, as a shell reports it) among the hosts that ended
+        on their own, which say what went wrong; the ones stopped for it only echo it."""
+        own = [h.returncode for h in self.hosts if not h.stopped] or self.returncodes
+        fails = [c if c >= 0 else 128 - c for c in own if c != 0]
+        return max(fails, default=0 if all(c == 0 for c in self.returncodes) else 1)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +87,7 @@ class _Proc:
     popen: subprocess.Popen
     out: list[str] = field(default_factory=list)
     err: list[str] = field(default_factory=list)
+    stopped: bool = False
 
 
 def _end_with_parent() -> None:
@@ -363,7 +368,7 @@ class EmulatedHosts:
         seconds = time.monotonic() - t0
         after = [self.link_bytes(i) for i in range(self.n_hosts)]
         runs = [HostRun(p.host, p.popen.returncode, "".join(p.out), "".join(p.err),
-                        after[p.host][0] - before[p.host][0], after[p.host][1] - before[p.host][1])
+                        after[p.host][0] - before[p.host][0], after[p.host][1] - before[p.host][1], p.stopped)
                 for p in self._procs]
         self._procs = []
         return HostsResult(runs, seconds, timed_out)
@@ -400,7 +405,9 @@ class EmulatedHosts:
         return False
 
     def _stop_all(self, patience: float = 5.0) -> None:
-        running = [p.popen for p in self._procs if p.popen.poll() is None]
+        for p in self._procs:
+            p.stopped = p.popen.poll() is None
+        running = [p.popen for p in self._procs if p.stopped]
         for p in running:
             try:
                 p.send_signal(signal.SIGTERM)
