@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--max-body-mb", type=float, default=4,
                     help="largest request body in MiB; a larger one gets 413 without being read (default 4)")
 
+    from stoker.parallel.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
     ph = sub.add_parser("hosts", help="run `stoker train` across K hosts emulated on this machine (root)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Emulate K hosts on this machine and run `stoker train ARGS` across them, one\n"
@@ -427,6 +431,13 @@ def _main(argv: list[str] | None = None) -> int:
         return cmd_config(args, overrides)
     if args.command == "generate":
         return cmd_generate(args, argv)
+    if args.command == "plan":
+        from stoker.parallel.plan import cmd_plan
+
+        try:
+            return cmd_plan(args)
+        except ConfigError as e:
+            return _fail(str(e))
     return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo,
             "serve": cmd_serve, "hosts": cmd_hosts}[args.command](args)
 
