@@ -208,7 +208,9 @@ class EmulatedHosts:
         looks one up for every connection and warns when there is none). Cosmetic: skipped
         where /etc cannot be written."""
         top, d = NETNS_ETC, NETNS_ETC / self.namespace(i)
-        names = "".join(f"{self.addr(j)} {self.namespace(j)}\n" for j in range(self.n_hosts))
+        # IPv4 and its IPv6-mapped form: c10d listens on both and sees peers in either.
+        names = "".join(f"{mapped}{self.addr(j)} {self.namespace(j)}\n"
+                        for j in range(self.n_hosts) for mapped in ("", "::ffff:"))
         try:
             if not top.exists():
                 top.mkdir(parents=True)
