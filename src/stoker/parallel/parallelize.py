@@ -121,10 +121,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, pcfg: ParallelConfig, trai
     return model
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, bucket_mb: float = 25) -> nn.Module:
     device_ids = [model.wte.weight.device.index] if model.wte.weight.device.type == "cuda" else None
-    # 25 MB buckets let gradient all-reduce of late layers overlap the backward of early ones.
-    return DDP(model, device_ids=device_ids, process_group=dp_mesh.get_group(), bucket_cap_mb=25)
+    # Buckets let the all-reduce of late layers' gradients overlap the backward of early ones.
+    return DDP(model, device_ids=device_ids, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_mb)
 
 
 def uses_ddp(pcfg: ParallelConfig) -> bool:

@@ -6,6 +6,7 @@ Layout of one checkpoint, `<out_dir>/checkpoints/step_XXXXXXXX/`:
                    checkpoint written under one layout (N processes, FSDP, TP, pipeline
                    stages) loads under any other
   trainer.json     step, data-loader position, schedule, every rank's RNG states
+  rank_*.safetensors  state one rank alone holds (DiLoCo replicas, PowerSGD error feedback)
 It is written under `.tmp_step_XXXXXXXX` and renamed when complete, so a crash mid-write
 never leaves a directory that looks finished.
 
@@ -252,12 +253,32 @@ def _state_dicts(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
     return [get_state_dict(m, o, options=_OPTS) for m, o in zip(parts, optimizers)]
 
 
+def rank_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank_{rank:05d}.safetensors"
+
+
+def load_rank_state(ckpt: str | Path, kind: str) -> dict[str, torch.Tensor] | None:
+    """This rank's own state of kind `kind` (what a communication method keeps per rank), or
+    None where the checkpoint has none for this rank: written under another setting or by
+    fewer processes. The file was checked against the manifest with the rest."""
+    from safetensors import safe_open
+
+    path = rank_file(Path(ckpt), dist.get_rank() if dist.is_initialized() else 0)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("kind") != kind:
+            return None
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def save_checkpoint(
     out_dir: str | Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-    trainer_state: dict, keep_last: int,
+    trainer_state: dict, keep_last: int, rank_state: tuple[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Collective: every rank calls it with its model parts (whole model or pipeline stages)
-    and their optimizers. Returns the final directory."""
+    and their optimizers, and optionally (kind, tensors) of state only this rank holds.
+    Returns the final directory."""
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -277,6 +298,16 @@ def save_checkpoint(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise err from e
+    if rank_state is not None:
+        from safetensors.torch import save_file
+
+        kind, tensors = rank_state
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(rank_file(tmp, rank)),
+                      metadata={"kind": kind})
+        except OSError as e:
+            raise _save_error(e, tmp) from e
+    # Also the point where every rank's own file is complete before rank 0 lists them.
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
     if rngs is not None:
         dist.all_gather_object(rngs, _rng_state())

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
@@ -24,11 +25,13 @@ from stoker.data.prepare import load_meta, load_split
 from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
 from stoker.parallel.mesh import (DistInfo, build_mesh, dp_rank_world, from_rank0, init_distributed, local_shard,
                                   shutdown)
+from stoker.parallel.comm import DiLoCo, load_optimizer_state, optimizer_state, register_ddp_hook
 from stoker.parallel.parallelize import apply_ddp, parallelize, uses_ddp
 from stoker.parallel.pipeline import TiedGradSync, build_schedule, build_stages
 from stoker.errors import RunError
 from stoker.runs import open_run_dir
-from stoker.train.checkpoint import find_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
+from stoker.train.checkpoint import (find_checkpoint, load_checkpoint, load_rank_state, remove_partial_saves,
+                                     save_checkpoint)
 from stoker.train.metrics import MetricsLog, peak_flops, plot_loss
 from stoker.train.schedule import lr_at, schedule_state
 
@@ -65,7 +68,9 @@ def build_parts(gcfg: GPTConfig, cfg: Config, info: DistInfo, mesh) -> tuple[lis
     t, pcfg = cfg.train, cfg.parallel
     if mesh is None or uses_ddp(pcfg):
         model = parallelize(build_model(gcfg, t.seed, info.device), mesh, pcfg, t.dtype, t.compile)
-        return [apply_ddp(model, mesh["dp_replicate"]) if mesh is not None else model], [0]
+        if mesh is None or pcfg.sync != "step":  # DiLoCo replicas step alone: no per-step gradient sync
+            return [model], [0]
+        return [apply_ddp(model, mesh["dp_replicate"], pcfg.bucket_mb)], [0]
     with torch.device("meta"):
         full = GPT(gcfg)
     stages = build_stages(full, pcfg, mesh["pp"].get_local_rank()) if pcfg.pp > 1 else [(0, full)]
@@ -284,6 +289,9 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
 
     parts, stage_ids = build_parts(gcfg, cfg, info, mesh)
     optimizers = [build_optimizer(m, cfg) for m in parts]
+    names = {id(p): n for n, p in _unwrap(parts[0]).named_parameters()}
+    replicas = mesh["dp_replicate"].get_group() if mesh is not None and uses_ddp(pcfg) else None
+    psgd = register_ddp_hook(parts[0], pcfg, replicas, names) if isinstance(parts[0], DDP) else None
     fsdp = mesh is not None and not uses_ddp(pcfg) and pcfg.dp > 1
     # FSDP2's mixed-precision policy casts the parameters; elsewhere bf16 is autocast.
     bf16_autocast = t.dtype == "bf16" and not fsdp
@@ -323,6 +331,17 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             raise ConfigError(f"train: {e}") from None
         load_checkpoint(ckpt, parts, optimizers, state=state)
         start = state["step"]
+    # DiLoCo takes its anchor from the weights as loaded; its own and PowerSGD's per-rank state
+    # come back only from a checkpoint written with the same setting and process count.
+    syncer = DiLoCo(_unwrap(parts[0]), replicas, pcfg) if pcfg.sync != "step" else None
+    comm_kind = f"{pcfg.sync}:{info.world}:{len(syncer.fragments)}" if syncer else \
+        f"powersgd:{info.world}" if psgd else None
+    if found is not None and comm_kind and (rs := load_rank_state(ckpt, comm_kind)) is not None:
+        if syncer:
+            syncer.load_state_dict(rs)
+            load_optimizer_state(optimizers[0], names, rs)
+        else:
+            psgd.load_state_dict(rs)
     if info.is_main:
         cfg.save(out / "config.toml")
         # The run directory carries what inference needs, independent of the data directory.
@@ -346,10 +365,18 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
                            f"(the checkpoints in {out / 'checkpoints'} are kept)")
         trainer_state = {"loader": loader.state_dict(), "schedule": schedule_state(t), "dtype": t.dtype,
                          "world": info.world, "parallel": asdict(pcfg)}
-        save_checkpoint(out, step, parts, optimizers, trainer_state, t.keep_last)
+        own = None
+        if syncer:
+            own = (comm_kind, syncer.state_dict() | optimizer_state(optimizers[0], names))
+        elif psgd:
+            own = (comm_kind, psgd.state_dict())
+        # DiLoCo: the model entry holds the replicas' mean, which every other setting can load.
+        with syncer.averaged() if syncer else contextlib.nullcontext():
+            save_checkpoint(out, step, parts, optimizers, trainer_state, t.keep_last, rank_state=own)
 
     def run_eval(step: int) -> float:
-        v = evaluate_loss(ctx, val_loader, t.eval_batches, n_loss_ranks)
+        with syncer.averaged() if syncer else contextlib.nullcontext():
+            v = evaluate_loss(ctx, val_loader, t.eval_batches, n_loss_ranks)
         if log:
             log.write({"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
         return v
@@ -365,6 +392,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     t_run = time.perf_counter()
     step = start
     layout = pcfg.describe() + f" ({pcfg.pp_schedule})" * (pcfg.pp > 1) if mesh is not None else "single process"
+    layout += comm_description(pcfg)
     try:
         progress.note(
             f"stoker train: {cfg.model.preset} ({count_params(gcfg) / 1e6:.2f}M params), {info.world} process(es), "
@@ -380,6 +408,9 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             x, y = loader.batch(step)
             loss_sum = forward_backward(ctx, x, y)
             gnorm = _clip(ctx, t.grad_clip)  # the global norm: every rank takes the same branch
+            if syncer and replicas is not None:  # replicas clip alone; they skip or stop together
+                sq = torch.tensor([gnorm ** 2], device=info.device)
+                gnorm = math.sqrt(_all_reduce_sum(sq).item() / info.world)
             if math.isfinite(gnorm):
                 skipped = 0
                 for opt in optimizers:
@@ -400,6 +431,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
+            if syncer:
+                syncer.after_step(step)
             loader.step = step
             # One collective carries both the loss and whether any rank was told to stop.
             red = _all_reduce_sum(torch.cat([loss_sum, torch.tensor([1.0 if stop.set else 0.0], device=info.device)]))
@@ -439,6 +472,21 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
 
 # train.on_nonfinite=skip: this many non-finite steps in a row is divergence, not a bad batch.
 MAX_SKIPPED = 5
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, DDP) else m
+
+
+def comm_description(pcfg) -> str:
+    """What the replicas send, for the run's first line and layout.json."""
+    if pcfg.sync != "step":
+        frag = f", {pcfg.sync_fragments} fragments, overlap {pcfg.sync_overlap}" if pcfg.sync == "streaming" else ""
+        return (f", {pcfg.sync} every {pcfg.sync_every} steps{frag} (outer lr {pcfg.outer_lr}, "
+                f"momentum {pcfg.outer_momentum}, {pcfg.sync_dtype})")
+    if pcfg.grad_compression == "powersgd":
+        return f", PowerSGD rank {pcfg.powersgd_rank}"
+    return f", {pcfg.grad_compression} gradients" if pcfg.grad_compression != "none" else ""
 
 
 def _lock_run_dir(out: Path, info: DistInfo):
