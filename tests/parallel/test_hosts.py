@@ -166,7 +166,8 @@ def reference(small_data, tmp_path_factory):
 ], ids=["ddp_2hosts_x1", "hsdp_2hosts_x2"])
 def test_layout_across_emulated_hosts_matches_one_process(small_data, tmp_path, reference, nproc, layout):
     out = tmp_path / "run"
-    with EmulatedHosts(2) as hosts:
+    # Unpinned: on 2 cores shared with other work, a host held to one busy core only runs slower.
+    with EmulatedHosts(2, pin=False) as hosts:
         prefix = hosts.prefix
         r = hosts.run(["train", *TINY, f"--data.dir={small_data}", f"--train.out_dir={out}",
                        f"--train.steps={STEPS}", *layout], nproc_per_host=nproc, timeout=240)
