@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -75,9 +76,10 @@ def test_gpu_table_and_cache_agree_with_metrics():
 LAYOUTS = {"single": [], "ddp2": ["--parallel.dp_replicate=2"], "fsdp2": ["--parallel.dp_shard=2"],
            "tp2": ["--parallel.tp=2"]}
 
-# The 2-process layouts train one after another in one torchrun launch: each launch of its own
-# costs ~15 s of CPU (torch imported three times), three of them more than this test may take.
-# train() ends the process group when it returns; here the group outlives the three runs.
+# The 2-process layouts train one after another in one pair of processes: a launch per layout
+# costs ~15 s of CPU (torch imported by the launcher and each worker), three of them more than
+# this test may take. The pair is started with the environment torchrun would give it, and
+# train() would end the process group when it returns: here it outlives the three runs.
 WORKER = """
 import json, sys
 import torch.distributed as dist
@@ -87,7 +89,7 @@ from stoker.train import trainer
 trainer.shutdown = dist.barrier
 common, runs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 for out, args in runs.items():
-    trainer.train(load_config(overrides=[o.removeprefix("--") for o in common + [f"--train.out_dir={out}"] + args]))
+    trainer.train(load_config(overrides=common + [f"--train.out_dir={out}"] + args))
 dist.destroy_process_group()
 """
 
@@ -95,13 +97,24 @@ dist.destroy_process_group()
 def test_predicted_state_bytes_match_layout_json(small_data, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    common = TINY + [f"--data.dir={small_data}", "--train.steps=1"]
+    common = TINY + [f"--data.dir={small_data}", "--train.steps=1", "--train.eval_batches=1"]
     runs = {str(tmp_path / name): args for name, args in LAYOUTS.items() if args}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           json.dumps(common), json.dumps(runs)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    train_here(small_data, tmp_path / "single", "--train.steps=1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, str(worker), json.dumps(common), json.dumps(runs)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    try:
+        train_here(small_data, tmp_path / "single", "--train.steps=1", "--train.eval_batches=1")  # meanwhile
+        for p in procs:
+            out = p.communicate(timeout=300)[0]
+            assert p.returncode == 0, out[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
     vocab = json.loads((small_data / "meta.json").read_text())["vocab_size"]
     spec = ModelSpec.from_preset("debug", vocab_size=vocab, block_size=32)  # TINY's seq_len
     for name, args in LAYOUTS.items():
@@ -153,7 +166,7 @@ def test_cli_answers_for_13b_without_building(monkeypatch):
                           "--seq-len", "2048", "--top", "3")
     assert code == 0, err
     assert "  1  stoker train --model.preset=gpt3-13b" in out and "  4  " not in out
-    assert "torchrun --nnodes=32 --nproc_per_node=8" in out
+    assert "--nnodes=32 --node-rank=$NODE_RANK --master=$MASTER:29500 --nproc=8" in out
 
 
 # --- (3) bad descriptions: one line naming the field, exit 2 -----------------------------------

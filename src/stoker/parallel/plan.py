@@ -137,14 +137,14 @@ class Constants:
     model to measured step times adjust them here and nowhere else."""
     # Achieved / peak FLOP/s of a training step's compute (kernel efficiency, small matmuls,
     # norms and activations that are not matmuls). GPUs: typical 40-50% MFU of a plain FSDP
-    # transformer step in bf16; CPUs: measured by --calibrate (here ~0.5-0.7).
+    # transformer step in bf16; CPUs: measured by --calibrate.
     efficiency: float = 0.45
     # Software cost of one step of a collective on top of the link's latency: NCCL a few
     # microseconds, gloo a few hundred (measured by --calibrate on the loopback).
     message_overhead_s: float = 5e-6
     # Share of an overlap window (backward for DDP, forward/backward for FSDP on CUDA, the
     # following steps for streaming DiLoCo) that really hides communication: on a CPU, gloo's
-    # thread competes with compute for the same cores.
+    # thread competes with compute for the same cores (--calibrate measures it).
     overlap: float = 0.9
     # Time of an all-gather / reduce-scatter relative to a ring moving the ideal (n-1)/n of the
     # tensor at the link's bandwidth. gloo's reduce-scatter sends the whole tensor like an
@@ -163,8 +163,11 @@ class Constants:
     def for_device(cls, device: str, procs_per_host: int = 1) -> "Constants":
         if device == "cuda":
             return cls()
-        k = cls(efficiency=0.55, message_overhead_s=250e-6, overlap=0.5, allgather_factor=2.0,
-                reduce_scatter_factor=2.0 * 2.0, memory_bw=10e9 / procs_per_host, runtime_bytes=0.5 * GB,
+        # Uncalibrated: roughly what --calibrate measured on a 2-core build machine (training
+        # step at 69% of the one-thread matmul peak, 68 us per gloo message step, gloo's
+        # all-gather 3x and reduce-scatter 2x an ideal ring's time).
+        k = cls(efficiency=0.6, message_overhead_s=100e-6, overlap=0.5, allgather_factor=3.0,
+                reduce_scatter_factor=2.0, memory_bw=10e9 / procs_per_host, runtime_bytes=0.5 * GB,
                 source="defaults (no calibration: run `stoker plan --calibrate`)")
         cal = load_calibration()
         if cal:
@@ -172,6 +175,7 @@ class Constants:
             k.message_overhead_s = cal["loopback_latency_s"]
             k.allgather_factor = cal["allgather_factor"]
             k.reduce_scatter_factor = cal["reduce_scatter_factor"]
+            k.overlap = cal["overlap"]
             k.memory_bw = cal["memory_bw"] / procs_per_host
             k.source = f"calibration of {cal['measured']} ({calibration_path()})"
         return k
@@ -184,7 +188,7 @@ def load_calibration() -> dict | None:
     except (OSError, ValueError, AttributeError):
         return None
     need = ("peak_flops", "efficiency", "loopback_bw", "loopback_latency_s", "allgather_factor",
-            "reduce_scatter_factor", "memory_bw", "measured")
+            "reduce_scatter_factor", "overlap", "memory_bw", "measured")
     return cal if isinstance(cal, dict) and all(k in cal for k in need) else None
 
 
@@ -544,12 +548,12 @@ class _Planner:
         param_bytes = self.act_bytes  # FSDP2 gathers in the compute dtype
         block_local = _block_local(m, tp, 1)
         root_local = _root_local(m, big.first, big.last, tp, 1)
-        if ddp:
+        if ddp and meth.sync == "step":
             buffers += 4 * n_local  # DDP's gradient buckets: a second copy of the gradients
             if meth.compression == "powersgd":
                 buffers += 4 * n_local  # error feedback
-            if meth.sync != "step":
-                buffers += 8 * n_local  # the outer parameters and the outer momentum
+        elif ddp:
+            buffers += 8 * n_local  # DiLoCo's anchor (the agreed weights) and outer momentum
         elif dp > 1:
             if meth.reshard == "false":
                 buffers += full_local * param_bytes
@@ -598,12 +602,13 @@ class _Planner:
                 n_buckets = max(1, math.ceil(4 * n / bucket))
                 if meth.compression == "powersgd":
                     r = meth.powersgd_rank
-                    comp = [(a, b) for a, b in m.matrices() if (a + b) * r * 2 < a * b]
+                    # comm.PowerSGD's rule: compress where the factors are at most half the matrix.
+                    comp = [(a, b) for a, b in m.matrices() if (a + b) * r * 2 <= a * b]
                     vec = n - sum(a * b for a, b in comp)
                     send = 4 * (sum(r * (a + b) for a, b in comp) + vec)
                     t_all, wire = self.coll("ar", send, grp)
-                    # three all-reduces per bucket (vectors, P, Q) instead of one
-                    t_all += 2 * n_buckets * self.coll("ar", 4, grp)[0]
+                    # two all-reduces per bucket (vectors with P, then Q) instead of one
+                    t_all += (2 * n_buckets - 1) * self.coll("ar", 4, grp)[0]
                     t_all += sum(4 * a * b * r + 4 * a * r * r for a, b in comp) / self.rate  # P=MQ, Q=M'P, QR
                     last = t_all / n_buckets
                 else:
@@ -662,11 +667,13 @@ class _Planner:
         if tp > 1:
             grp = self.group(sizes, "tp")
             act = tokens_micro * C * self.act_bytes
-            per_layer = 8 + (4 if ac else 0)  # all-gather/reduce-scatter pairs around attn and mlp
-            n_coll = max(s.blocks for s in stages) * per_layer + 4
-            t1, w1 = self.coll("ag", act, grp)
-            parts["tp"] += count * n_coll * t1
-            wire += count * n_coll * w1
+            # Sequence parallel: an all-gather before attention and before the MLP, a
+            # reduce-scatter after each, in forward and (swapped) in backward; again in the
+            # recomputed forward; two pairs more for the embeddings and the head.
+            pairs = max(s.blocks for s in stages) * (4 + (2 if ac else 0)) + 2
+            (t_ag, w_ag), (t_rs, w_rs) = self.coll("ag", act, grp), self.coll("rs", act, grp)
+            parts["tp"] += count * pairs * (t_ag + t_rs)
+            wire += count * pairs * (w_ag + w_rs)
         if pp > 1:
             grp = self.group(sizes, "pp")
             send = tokens_micro * C * self.act_bytes / tp
@@ -680,7 +687,7 @@ class _Planner:
         comm = sum(parts.values())
         step = compute_total + bubble + recompute + comm + optimizer
         overrides = self._overrides(pp, dr, ds, tp, meth, micro)
-        return PlanRow(0, _describe(pp, dr, ds, tp), _method_name(pp, dr, ds, tp, meth, overrides), meth.exact,
+        return PlanRow(0, _describe(pp, dr, ds, tp), _method_name(pp, dr, ds, tp, meth), meth.exact,
                        overrides, micro, count, step, compute, recompute, comm, bubble, optimizer,
                        compute / step, mem, wire, "", parts)
 
@@ -719,15 +726,8 @@ def _describe(pp: int, dr: int, ds: int, tp: int) -> str:
         return "single process"
     if ds == tp == pp == 1:
         return f"DDP {dr}"
-    parts = []
-    if ds > 1:
-        parts.append(f"FSDP {ds}")
-    if dr > 1:
-        parts.append(f"{'HSDP' if ds > 1 else 'replicas'} {dr}")
-    if tp > 1:
-        parts.append(f"TP {tp}")
-    if pp > 1:
-        parts.append(f"PP {pp}")
+    # Outermost first, as the mesh (pp, dp_replicate, dp_shard, tp) lays them over the ranks.
+    parts = [f"{name} {n}" for name, n in (("PP", pp), ("DP", dr), ("FSDP", ds), ("TP", tp)) if n > 1]
     return " x ".join(parts)
 
 
@@ -736,25 +736,22 @@ def maths(r: PlanRow) -> str:
     if r.exact:
         return "exact"
     sync = r.overrides.get("parallel.sync", "step")
-    return "changes: " + ({"diloco": "DiLoCo", "streaming": "streaming DiLoCo"}.get(sync)
-                          or {"powersgd": "PowerSGD"}.get(r.overrides.get("parallel.grad_compression"), "compression"))
+    return {"diloco": "DiLoCo", "streaming": "DiLoCo"}.get(sync) or {"powersgd": "PowerSGD"}.get(
+        r.overrides.get("parallel.grad_compression"), "rounding")
 
 
-def _method_name(pp, dr, ds, tp, meth: _Method, o: dict) -> str:
-    ac = " +AC" if meth.ac == "full" else ""
+def _method_name(pp, dr, ds, tp, meth: _Method) -> str:
     if meth.sync == "diloco":
-        return f"DiLoCo H={meth.sync_every}{ac}"
+        return f"DiLoCo H={meth.sync_every}"
     if meth.sync == "streaming":
-        return f"streaming H={meth.sync_every} F={meth.sync_fragments} overlap {meth.sync_overlap}{ac}"
+        return f"streaming H={meth.sync_every} F={meth.sync_fragments} o={meth.sync_overlap}"
     if meth.compression == "powersgd":
-        return f"all-reduce PowerSGD r{meth.powersgd_rank}{ac}"
-    if meth.compression != "none":
-        return f"all-reduce {meth.compression}{ac}"
+        return f"PowerSGD r{meth.powersgd_rank}"
     if ds == tp == pp == 1 and dr > 1:
-        return f"all-reduce fp32{ac}"
+        return f"{'fp32' if meth.compression == 'none' else meth.compression} grads"
     if ds > 1:
-        return f"reshard {meth.reshard}{ac}"
-    return ("step" if pp * dr * ds * tp > 1 else "-") + ac
+        return f"reshard {meth.reshard}"
+    return "-"
 
 
 def _divisors(n: int) -> list[int]:
@@ -764,7 +761,8 @@ def _divisors(n: int) -> list[int]:
 def _methods(pp: int, dr: int, ds: int, tp: int, m: ModelSpec) -> list[_Method]:
     acs = ("none", "full")
     if ds == tp == pp == 1 and dr > 1:
-        out = [_Method(ac=a, compression=c) for a in acs for c in ("none", "bf16", "powersgd")]
+        out = [_Method(ac=a, compression=c, powersgd_rank=POWERSGD_RANK) for a in acs
+               for c in ("none", "bf16", "powersgd")]
         out += [_Method(ac=a, sync="diloco", sync_every=h) for a in acs for h in SYNC_EVERY]
         out += [_Method(ac=a, sync="streaming", sync_every=h, sync_fragments=min(STREAM_FRAGMENTS, m.n_layer))
                 for a in acs for h in SYNC_EVERY]
@@ -859,13 +857,15 @@ def _command(r: PlanRow, m: ModelSpec, hw: Hardware) -> str:
         args += [f"--model.{k}={getattr(m, k)}" for k in ("n_layer", "n_embd", "n_head") if getattr(m, k) != getattr(p, k)]
     else:
         args += [f"--model.{k}={getattr(m, k)}" for k in ("n_layer", "n_embd", "n_head")]
-    defaults = {"parallel.activation_checkpoint": "none", "parallel.reshard_after_forward": "true"}
+    defaults = ParallelConfig()
     for key, v in r.overrides.items():
-        if defaults.get(key) == v or (key.startswith("parallel.") and key[9:] in ("pp", "dp_replicate", "dp_shard", "tp")
-                                      and v == 1):
-            continue
+        section, _, name = key.partition(".")
+        if section == "parallel" and str(getattr(defaults, name)) == str(v):
+            continue  # the trainer's default already
         args.append(f"--{key}={v}")
-    if hw.n_hosts == 1 and hw.procs_per_host > 1:
+    if hw.n_hosts > 1:  # the shell fills these in on each host
+        args += [f"--nnodes={hw.n_hosts}", "--node-rank=$NODE_RANK", "--master=$MASTER:29500"]
+    if hw.procs_per_host > 1:
         args.append(f"--nproc={hw.procs_per_host}")
     return " ".join(args)
 
@@ -894,16 +894,16 @@ def choose(gcfg: "GPTConfig | ModelSpec", n_hosts: int, procs_per_host: int, pea
 # Calibration: this machine's figures, measured
 
 
-def calibrate(seconds_budget: float = 60.0, progress=print) -> dict:
+def calibrate(progress=print) -> dict:
     """Measure this machine (under a minute) and store the figures for `plan`: the matmul peak
     (train/metrics.py's probe, both dtypes), the efficiency of a real training step of preset
-    `tiny` (8 x 256 tokens, fp32, one thread) against the one-thread matmul peak, the memory
+    `tiny` (8 x 256 tokens, fp32, one thread) against one thread's matmul rate, the memory
     bandwidth (a large copy), and the loopback all-reduce, all-gather and reduce-scatter between
     two gloo processes on 127.0.0.1."""
     import torch
 
     from stoker.models.gpt import GPT, GPTConfig, loss_fn
-    from stoker.train.metrics import measure_matmul_flops, peak_flops
+    from stoker.train.metrics import peak_flops
 
     t_start = time.perf_counter()
     peaks = {d: peak_flops(torch.device("cpu"), d) for d in ("fp32", "bf16")}
@@ -912,7 +912,6 @@ def calibrate(seconds_budget: float = 60.0, progress=print) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one_core = measure_matmul_flops(torch.float32, seconds=0.5)
         # Memory bandwidth: a copy reads and writes each byte once.
         a = torch.empty(64 * 2**20 // 4)
         b = torch.empty_like(a)
@@ -930,31 +929,52 @@ def calibrate(seconds_budget: float = 60.0, progress=print) -> dict:
         model = GPT(gcfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         x = torch.randint(0, gcfg.vocab_size, (8, 256))
-        times = []
-        for i in range(4):  # the first step pays one-off set-up costs
+        opt_s = 28 * spec.params / (memory_bw / (os.cpu_count() or 1))
+        flops = spec.flops_per_token(256) * 8 * 256
+
+        def train_step() -> float:
             t = time.perf_counter()
-            loss = loss_fn(model(x), x)
-            loss.backward()
+            loss_fn(model(x), x).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if i:
-                times.append(time.perf_counter() - t)
-        step = min(times)
-        opt_s = 28 * spec.params / (memory_bw / (os.cpu_count() or 1))
-        train_flops = spec.flops_per_token(256) * 8 * 256 / max(step - opt_s, 1e-9)
-        efficiency = min(1.0, train_flops / one_core)
+            return time.perf_counter() - t
+
+        mm = torch.randn(1024, 1024)
+        t = time.perf_counter()
+        mm @ mm
+        reps = max(1, round(0.3 / max(time.perf_counter() - t, 1e-6)))
+
+        def matmul_rate() -> float:  # sustained over ~0.3 s, as a step sustains its rate
+            t = time.perf_counter()
+            for _ in range(reps):
+                mm @ mm
+            return 2 * 1024**3 * reps / (time.perf_counter() - t)
+
+        train_step()  # the first step pays one-off set-up costs
+        # Step and matmul rate in turn, three times: other processes on the machine slow both
+        # alike within a round, so the ratio holds where each figure alone would wander.
+        ratios, steps, one_core = [], [], 0.0
+        for _ in range(3):
+            before, step, after = matmul_rate(), train_step(), matmul_rate()
+            steps.append(step)
+            one_core = max(one_core, before, after)
+            ratios.append(flops / max(step - opt_s, 1e-9) / ((before + after) / 2))
+        efficiency = min(1.0, sorted(ratios)[1])
+        step = min(steps)
+        train_flops = flops / max(step - opt_s, 1e-9)
     finally:
         torch.set_num_threads(threads)
     progress(f"training step of preset tiny (8 x 256 tokens, fp32, 1 thread): {step:.3f} s, "
-             f"{train_flops / 1e9:,.1f} GFLOP/s = {efficiency:.0%} of the 1-thread matmul peak "
-             f"{one_core / 1e9:,.1f} GFLOP/s")
+             f"{train_flops / 1e9:,.1f} GFLOP/s; {efficiency:.0%} of a 1-thread 1024-matmul's rate "
+             f"({one_core / 1e9:,.1f} GFLOP/s at best), the median of 3 rounds")
     progress(f"memory bandwidth (copy, 1 thread x {os.cpu_count()} cores): {memory_bw / 1e9:,.1f} GB/s")
 
     loop = _loopback()
     progress(f"loopback all-reduce, 2 gloo processes on 127.0.0.1: {loop['bw'] / 1e9:,.2f} GB/s "
              f"({loop['nbytes'] / 2**20:.0f} MiB), {loop['latency_s'] * 1e6:,.0f} us per message step; "
-             f"all-gather x{loop['ag_factor']:.1f} and reduce-scatter x{loop['rs_factor']:.1f} an ideal ring's time")
+             f"all-gather x{loop['ag_factor']:.1f} and reduce-scatter x{loop['rs_factor']:.1f} an ideal ring's time; "
+             f"{loop['overlap']:.0%} of an all-reduce hidden behind as long a compute (median of 5)")
     result = {
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
         "peak_flops": peaks,
@@ -967,6 +987,7 @@ def calibrate(seconds_budget: float = 60.0, progress=print) -> dict:
         "loopback_latency_s": loop["latency_s"],
         "allgather_factor": loop["ag_factor"],
         "reduce_scatter_factor": loop["rs_factor"],
+        "overlap": loop["overlap"],
         "seconds": time.perf_counter() - t_start,
     }
     path = calibration_path()
@@ -1037,6 +1058,32 @@ def _loopback_worker(rank: int, port: int, out: str) -> None:
         t_rs = best_of(lambda: reduce_scatter(half, full), 5)
         one = torch.ones(1)
         t_small = best_of(lambda: dist.all_reduce(one), 50)
+        # Overlap: as much matmul work as the all-reduce takes, then both at once. What the
+        # pair saves over running them in turn is the share of the window that hid the exchange.
+        a = torch.randn(256, 256)
+        t_mm = best_of(lambda: a @ a, 5)
+        n = max(1, round(t_ar / t_mm))
+
+        def compute():
+            for _ in range(n):
+                a @ a
+
+        def both():
+            work = dist.all_reduce(full, async_op=True)
+            compute()
+            work.wait()
+
+        def timed(fn) -> float:
+            dist.barrier()
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+
+        shares = []
+        for _ in range(5):  # in turn, for the reason calibrate() times steps and matmuls in turn
+            t_a, t_c, t_both = timed(lambda: dist.all_reduce(full)), timed(compute), timed(both)
+            shares.append(min(1.0, max(0.0, (t_c + t_a - t_both) / min(t_c, t_a))))
+        overlap = sorted(shares)[2]
         dist.barrier()
         if rank == 0:
             latency = t_small / 2  # a 2-rank ring all-reduce is 2 message steps
@@ -1047,6 +1094,7 @@ def _loopback_worker(rank: int, port: int, out: str) -> None:
                 "nbytes": nbytes, "bw": bw, "latency_s": latency,
                 "ag_factor": max(1.0, (t_ag - latency) / (ideal_half - latency)),
                 "rs_factor": max(1.0, (t_rs - latency) / (ideal_half - latency)),
+                "overlap": overlap,
             }))
     finally:
         dist.destroy_process_group()
@@ -1211,22 +1259,24 @@ def cmd_plan(args: "argparse.Namespace") -> int:
                   f"{k.message_overhead_s * 1e6:,.0f} us per message; {k.source}")
     shown = rows[:args.top] if args.top else rows
     table = Table(title=f"{len(rows)} layouts fit; best {len(shown)} by predicted step time")
-    for col, just in (("#", "right"), ("layout", "left"), ("method", "left"), ("micro", "right"),
-                      ("step s", "right"), ("util", "right"), ("mem/rank GB", "right"), ("wire MB/step", "right"),
+    for col, just in (("#", "right"), ("layout", "left"), ("sync", "left"), ("AC", "left"), ("micro", "right"),
+                      ("step s", "right"), ("util", "right"), ("GB/rank", "right"), ("MB/step", "right"),
                       ("maths", "left")):
         table.add_column(col, justify=just)
     for r in shown:
-        table.add_row(str(r.rank), r.layout, r.method, f"{r.micro_batch}x{r.micro_batches}", f"{r.step_s:.4g}",
-                      f"{r.utilisation:.0%}", f"{r.memory.total / GB:.3g}", f"{r.wire_bytes / 1e6:,.1f}", maths(r))
+        table.add_row(str(r.rank), r.layout, r.method, r.overrides["parallel.activation_checkpoint"],
+                      f"{r.micro_batch}x{r.micro_batches}", f"{r.step_s:.4g}", f"{r.utilisation:.0%}",
+                      f"{r.memory.total / GB:.3g}", f"{r.wire_bytes / 1e6:,.1f}", maths(r))
     console.print(table)
     console.print("micro: sequences per forward pass x passes per step; util: the model's compute at the "
-                  "calibrated efficiency / the predicted step; wire: bytes each rank sends per step")
+                  "calibrated efficiency / the predicted step; GB/rank: predicted memory of the most loaded rank; "
+                  "MB/step: bytes each rank sends per step; maths: exact, or what changes it")
     for r in shown:
         console.print(f"{r.rank:>3}  {r.command}", soft_wrap=True, highlight=False)
     if hw.n_hosts > 1:
-        console.print(f"On each of the {hw.n_hosts} hosts run: torchrun --nnodes={hw.n_hosts} "
-                      f"--nproc_per_node={hw.procs_per_host} --rdzv-backend=c10d --rdzv-endpoint=FIRST_HOST:29500 "
-                      f"-m stoker train ... with the row's options.")
+        console.print(f"Run the command on each of the {hw.n_hosts} hosts with NODE_RANK set to its rank (0 .. "
+                      f"{hw.n_hosts - 1}) and MASTER to node 0's address; add --parallel.ifname=IFACE to name the "
+                      "interface between hosts.")
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) | {"memory_total": r.memory.total}
                                                for r in rows], indent=1))
