@@ -29,7 +29,7 @@ from stoker.parallel.comm import DiLoCo, load_optimizer_state, optimizer_state, 
 from stoker.parallel.parallelize import apply_ddp, parallelize, uses_ddp
 from stoker.parallel.pipeline import TiedGradSync, build_schedule, build_stages
 from stoker.errors import RunError
-from stoker.runs import open_run_dir
+from stoker.runs import check_visible_to_all, open_run_dir
 from stoker.train.checkpoint import (find_checkpoint, load_checkpoint, load_rank_state, remove_partial_saves,
                                      save_checkpoint)
 from stoker.train.metrics import MetricsLog, peak_flops, plot_loss
@@ -252,7 +252,7 @@ def state_bytes(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer])
 
 def train(cfg: Config) -> dict:
     """Train (or resume) per `cfg`; returns a summary. Works for one process or under torchrun."""
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.parallel)
     held: list = []  # the run directory's lock, released however the run ends
     try:
         summary = _train(cfg, info, held)
@@ -275,10 +275,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         # Plain `torchrun --nproc_per_node N -m stoker train`: data parallel over all N (DDP).
         pcfg.dp_replicate = info.world
         cfg.validate()
-    mesh = build_mesh(pcfg, info)
-    dp_rank, dp_world = dp_rank_world(mesh)
     out = Path(t.out_dir)
-
     try:
         meta = load_meta(cfg.data.dir)
         train_windows = TokenWindows(load_split(cfg.data.dir, "train"), t.seq_len)
@@ -286,6 +283,10 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.dir: {e}") from None
     gcfg = model_config(cfg, meta["vocab_size"])
+    if pcfg.auto:
+        auto_layout(cfg, gcfg, info)
+    mesh = build_mesh(pcfg, info)
+    dp_rank, dp_world = dp_rank_world(mesh)
 
     parts, stage_ids = build_parts(gcfg, cfg, info, mesh)
     optimizers = [build_optimizer(m, cfg) for m in parts]
@@ -315,6 +316,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     n_loss_ranks = dp_world * pcfg.tp
 
     held.append(_lock_run_dir(out, info))
+    check_visible_to_all(out, info)  # every host must see the checkpoints rank 0 writes
     start = 0
     found = find_checkpoint(out, set_aside=True)
     if found is not None:
@@ -472,6 +474,53 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
 
 # train.on_nonfinite=skip: this many non-finite steps in a row is divergence, not a bad batch.
 MAX_SKIPPED = 5
+
+
+def measure_link(info: DistInfo, nbytes: int = 4 << 20) -> tuple[float, float]:
+    """Collective: (bytes/s each way, one-way latency in s) between the ranks, from timed
+    all-reduces: a ring moves 2 (n-1)/n of the tensor through every rank's link."""
+    small, big = torch.zeros(1, device=info.device), torch.zeros(nbytes // 4, device=info.device)
+    times = {}
+    for name, x in (("small", small), ("big", big)):
+        dist.all_reduce(x)  # connections made, caches warm
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        times[name] = time.perf_counter() - t0
+    n = info.world
+    latency = times["small"] / (2 * (n - 1))
+    bw = 2 * (n - 1) / n * nbytes / max(times["big"] - times["small"], 1e-6)
+    return from_rank0(bw), from_rank0(latency)
+
+
+def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
+    """parallel.auto: set cfg.parallel (and the micro-batch) to `stoker plan`'s first choice for
+    these processes, hosts and links, the same on every rank."""
+    from stoker.parallel.plan import choose
+
+    t, pcfg = cfg.train, cfg.parallel
+    if info.world > 1:
+        bw, latency = measure_link(info)
+    else:
+        bw, latency = 1e12, 0.0
+    if pcfg.link_gbps:
+        bw = pcfg.link_gbps * 1e9 / 8
+    choice = None
+    if info.is_main:
+        peak = peak_flops(info.device, t.dtype, cache=info.world == 1)
+        if info.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(info.device).total_memory
+        else:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / info.local_world
+        choice = choose(gcfg, info.hosts, info.local_world, peak, memory, inter_bw=bw,
+                        intra_bw=bw if info.hosts == 1 else max(bw, 1e9), latency_s=latency, batch=t.batch_size,
+                        seq_len=t.seq_len, dtype=t.dtype, device=info.device.type, micro_batch_size=t.micro_batch_size)
+        print(f"parallel.auto: {info.hosts} host(s) x {info.local_world} process(es), link {bw * 8 / 1e9:.3g} Gbit/s, "
+              f"latency {latency * 1e6:.0f} us -> " + " ".join(f"--{k}={v}" for k, v in choice.items()), flush=True)
+    for key, value in from_rank0(choice).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    pcfg.auto = False  # chosen: the config saved with the run says what ran
+    cfg.validate()
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
