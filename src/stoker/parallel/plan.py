@@ -633,8 +633,10 @@ class _Planner:
                     f = meth.sync_fragments
                     t_frag, w = self.coll("ar", per * n / f, grp)
                     step_compute = work + optimizer
-                    # The smallest overlap that hides a fragment's exchange (staleness grows with it).
-                    o = next((o for o in range(1, h) if t_frag <= k.overlap * o * step_compute), h - 1)
+                    # The smallest overlap that hides a fragment's exchange (staleness grows with it),
+                    # at most the steps until the next fragment's exchange starts on the same link.
+                    most = max(1, min(h - 1, h // f))
+                    o = next((o for o in range(1, most) if t_frag <= k.overlap * o * step_compute), most)
                     meth = dataclasses.replace(meth, sync_overlap=o)
                     parts["dp"] += max(0.0, t_frag - k.overlap * o * step_compute) * f / h
                     wire = w * f / h
