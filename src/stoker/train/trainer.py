@@ -504,9 +504,20 @@ def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
         bw, latency = 1e12, 0.0
     if pcfg.link_gbps:
         bw = pcfg.link_gbps * 1e9 / 8
+    if info.device.type == "cuda":
+        peak = peak_flops(info.device, t.dtype)
+    else:
+        # Each process's own share of the CPU, measured by all at once with their threads and
+        # pinning (processes that share cores slow each other as their steps will); the slowest.
+        from stoker.train.metrics import measure_matmul_flops
+
+        peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, seconds=0.5)
+        if dist.is_initialized():
+            box = torch.tensor([peak])
+            dist.all_reduce(box, op=dist.ReduceOp.MIN)
+            peak = float(box)
     choice = None
     if info.is_main:
-        peak = peak_flops(info.device, t.dtype, cache=info.world == 1)
         if info.device.type == "cuda":
             memory = torch.cuda.get_device_properties(info.device).total_memory
         else:
