@@ -1,6 +1,7 @@
 """Communication settings for slow links against exact data parallelism (2 processes, gloo, fp32)."""
 
 import json
+import shutil
 
 import pytest
 from safetensors import safe_open
@@ -55,27 +56,36 @@ def test_diloco_every_step_plain_average_is_plain_training(small_data, tmp_path)
     assert_curves_close(losses(tmp_path / "diloco"), losses(tmp_path / "plain"), range(1, STEPS + 1), LAYOUT_ATOL)
 
 
+@pytest.fixture(scope="module")
+def halfway(small_data, tmp_path_factory):
+    """PowerSGD, DiLoCo and streaming runs stopped at step 6 (their checkpoint is at step 6)."""
+    root = tmp_path_factory.mktemp("half")
+    for name in ("powersgd", "diloco", "streaming"):
+        run_train(small_data, root / name, *BASE, "--parallel.dp_replicate=2", *SETTINGS[name], "--train.steps=6",
+                  nproc=2)
+    return root
+
+
 @pytest.mark.parametrize("name", ["powersgd", "diloco", "streaming"])
-def test_resume_is_exact(small_data, runs, tmp_path, name):
+def test_resume_is_exact(small_data, runs, halfway, tmp_path, name):
     """Stopped at step 6 and resumed: the same losses as the run that never stopped, so the
     checkpoint carried the error feedback / replicas, anchor, momentum and exchange in flight."""
-    args = [*BASE, "--parallel.dp_replicate=2", *SETTINGS[name]]
-    run_train(small_data, tmp_path / "r", *args, "--train.steps=6", nproc=2)
+    shutil.copytree(halfway / name, tmp_path / "r")
     with safe_open(str(tmp_path / "r/checkpoints/step_00000006/rank_00001.safetensors"), "pt") as f:
-        assert f.metadata()["kind"].startswith(name if name != "diloco" else "diloco:")
-    run_train(small_data, tmp_path / "r", *args, nproc=2)
+        assert f.metadata()["kind"].split(":")[0] == name
+    run_train(small_data, tmp_path / "r", *BASE, "--parallel.dp_replicate=2", *SETTINGS[name], nproc=2)
     got, ref = losses(tmp_path / "r"), losses(runs / name)
     assert all(got[s] == ref[s] for s in range(1, STEPS + 1)), [(s, got[s], ref[s]) for s in range(1, STEPS + 1)]
 
 
-def test_checkpoints_move_between_settings(small_data, runs, tmp_path):
+def test_checkpoints_move_between_settings(small_data, runs, halfway, tmp_path):
     """PowerSGD's and DDP's checkpoints hold the same model: the loss of the next step, taken
     before any exchange, is equal. DiLoCo's checkpoint holds the replicas' mean, which DDP resumes."""
     ddp = [*BASE, "--parallel.dp_replicate=2"]
-    run_train(small_data, tmp_path / "a", *ddp, *SETTINGS["powersgd"], "--train.steps=6", nproc=2)
+    shutil.copytree(halfway / "powersgd", tmp_path / "a")
     run_train(small_data, tmp_path / "a", *ddp, nproc=2)  # continue as exact DDP
     assert losses(tmp_path / "a")[7] == losses(runs / "powersgd")[7]
-    run_train(small_data, tmp_path / "b", *ddp, *SETTINGS["streaming"], "--train.steps=6", nproc=2)
+    shutil.copytree(halfway / "streaming", tmp_path / "b")
     run_train(small_data, tmp_path / "b", *ddp, nproc=2)
     streaming = losses(runs / "streaming")
     assert abs(losses(tmp_path / "b")[7] - streaming[7]) < 0.05  # the mean of two replicas 0-2 steps apart
