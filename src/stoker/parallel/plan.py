@@ -463,7 +463,7 @@ class _Method:
 # DiLoCo/streaming periods tried: stoker's default and a longer one for slow links.
 SYNC_EVERY = (8, 32)
 STREAM_FRAGMENTS = 4
-POWERSGD_RANK = 4
+POWERSGD_RANK = 16  # the trainer's default (config.py says why)
 DDP_BUCKET_MB = 25.0  # DDP's bucket size (parallel.bucket_mb's default)
 # Ranked as if this much slower: within 5% an exact method wins over one that changes the maths.
 INEXACT_PENALTY = 1.05
