@@ -16,7 +16,9 @@ SETTINGS = {
     "bf16": ["--parallel.grad_compression=bf16"],
     "fp16": ["--parallel.grad_compression=fp16"],
     # Rank 4: the debug model's 32-wide matrices are too small to compress at the default 16.
-    "powersgd": ["--parallel.grad_compression=powersgd", "--parallel.powersgd_rank=4", "--parallel.powersgd_warmup=3"],
+    # Small buckets: several per step, as any real model has (their order must agree across ranks).
+    "powersgd": ["--parallel.grad_compression=powersgd", "--parallel.powersgd_rank=4", "--parallel.powersgd_warmup=3",
+                 "--parallel.bucket_mb=0.1"],
     "diloco": ["--parallel.sync=diloco", "--parallel.sync_every=4"],
     # Fragment 1 is sent at step 6 and lands at step 7: a checkpoint at 6 holds it in flight.
     "streaming": ["--parallel.sync=streaming", "--parallel.sync_every=4", "--parallel.sync_fragments=2"],

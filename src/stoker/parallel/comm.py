@@ -58,7 +58,7 @@ class PowerSGD:
     warm-start matrices by bucket index, and DDP re-forms its buckets after the first step of
     every new process: a resumed run would apply the saved errors to the wrong gradients.
     Here every piece of state is keyed by parameter name, so a checkpoint carries it exactly.
-    Per bucket: the vectors and the P factors go in one all-reduce, the Q factors in a second.
+    Per step: the vectors and the P factors go in one all-reduce, the Q factors in a second.
     """
 
     def __init__(self, group: dist.ProcessGroup, names: dict[int, str], rank: int, warmup: int, seed: int = 0):
@@ -66,6 +66,7 @@ class PowerSGD:
         self.iter = 0  # synchronised steps so far: compression starts at `warmup`
         self.err: dict[str, torch.Tensor] = {}  # what compression left out of this rank's gradient
         self.q: dict[str, torch.Tensor] = {}  # last step's right factors, the next power iteration's start
+        self._held: list = []  # this step's buckets so far: (parameters, gradient views, buffer, future)
 
     def _compressed(self, g: torch.Tensor) -> int:
         """The rank to compress `g` at, or 0 where the factors would not be much smaller."""
@@ -81,17 +82,38 @@ class PowerSGD:
         return torch.randn(m, r, generator=g).to(like)
 
     def hook(self, _state, bucket):  # (no annotations: see _cast_hook)
-        n_ranks = self.group.size()
         buf = bucket.buffer()
-        last = bucket.is_last()
         if self.iter < self.warmup:
-            if last:
+            if bucket.is_last():
                 self.iter += 1
-            buf.div_(n_ranks)
+            buf.div_(self.group.size())
             return dist.all_reduce(buf, group=self.group, async_op=True).get_future().then(lambda f: f.value()[0])
-        names = [self.names[id(p)] for p in bucket.parameters()]
+        # Hold each bucket until DDP hands over the last one, then compress them all at once:
+        # two all-reduces a step, issued from this thread in the same order on every rank.
+        # (Chaining a bucket's second all-reduce onto its first one's completion issues them
+        # from gloo's threads in whatever order the buckets finish: ranks then disagree.)
+        fut = torch.futures.Future()
+        self._held.append((bucket.parameters(), bucket.gradients(), buf, fut))
+        if bucket.is_last():
+            held, self._held = self._held, []
+            try:
+                self._reduce([(self.names[id(p)], g) for params, grads, _, _ in held for p, g in zip(params, grads)])
+            except Exception as e:
+                for *_, f in held:
+                    f.set_exception(e)
+                raise
+            for _, _, b, f in held:
+                f.set_result(b)
+            self.iter += 1
+        return fut
+
+    @torch.no_grad()
+    def _reduce(self, named_grads: list[tuple[str, torch.Tensor]]) -> None:
+        """Replace each gradient by the ranks' mean: whole for vectors and small matrices, a
+        rank-r estimate (one power iteration from last step's factors) for the others."""
+        n_ranks = self.group.size()
         mats, rest = [], []  # (name, (n, m) view, rank, local copy), plain gradients
-        for name, g in zip(names, bucket.gradients()):
+        for name, g in named_grads:
             r = self._compressed(g)
             if not r:
                 rest.append(g)
@@ -104,38 +126,28 @@ class PowerSGD:
               for name, m, r, _ in mats]
         ps = [m @ q for (_, m, _, _), q in zip(mats, qs)]  # (n, r)
         n_rest = sum(g.numel() for g in rest)
-        first = torch.cat([g.reshape(-1) for g in rest] + [p.reshape(-1) for p in ps]) if mats or rest \
-            else buf.new_zeros(0)
-        first[:n_rest].div_(n_ranks)
-
-        def after_ps(fut):
-            flat = fut.value()[0]
-            i = 0
-            for g in rest:
-                g.copy_(flat[i:i + g.numel()].view_as(g))
-                i += g.numel()
-            new_qs = []
-            for (_, m, r, _), p in zip(mats, ps):
-                p.copy_(_orthonormal(flat[i:i + p.numel()].view_as(p)))
-                i += p.numel()
-                new_qs.append((m.t() @ p).reshape(-1))  # (m, r)
-            second = torch.cat(new_qs) if new_qs else flat.new_zeros(0)
-            return dist.all_reduce(second, group=self.group, async_op=True).get_future().wait()[0]
-
-        def after_qs(fut):
-            flat = fut.value().div_(n_ranks)
-            i = 0
-            for (name, m, r, local), p in zip(mats, ps):
-                q = flat[i:i + m.shape[1] * r].view(m.shape[1], r)
-                i += q.numel()
-                m.copy_(p @ q.t())  # the rank-r estimate of the mean gradient
-                self.err[name] = local - m
-                self.q[name] = q.clone()
-            if last:
-                self.iter += 1
-            return buf
-
-        return dist.all_reduce(first, group=self.group, async_op=True).get_future().then(after_ps).then(after_qs)
+        flat = torch.cat([g.reshape(-1) for g in rest] + [p.reshape(-1) for p in ps])
+        flat[:n_rest].div_(n_ranks)
+        dist.all_reduce(flat, group=self.group)
+        i = 0
+        for g in rest:
+            g.copy_(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+        for (_, m, _, _), p in zip(mats, ps):
+            p.copy_(_orthonormal(flat[i:i + p.numel()].view_as(p)))
+            i += p.numel()
+        if not mats:
+            return
+        flat = torch.cat([(m.t() @ p).reshape(-1) for (_, m, _, _), p in zip(mats, ps)])  # the Qs, (m, r) each
+        dist.all_reduce(flat, group=self.group)
+        flat.div_(n_ranks)
+        i = 0
+        for (name, m, r, local), p in zip(mats, ps):
+            q = flat[i:i + m.shape[1] * r].view(m.shape[1], r)
+            i += q.numel()
+            m.copy_(p @ q.t())  # the rank-r estimate of the mean gradient
+            self.err[name] = local - m
+            self.q[name] = q.clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {f"err.{k}": v for k, v in self.err.items()} | {f"q.{k}": v for k, v in self.q.items()}

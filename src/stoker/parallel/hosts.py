@@ -119,6 +119,10 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _term_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class EmulatedHosts:
     """K emulated hosts (a context manager): host i is network namespace `namespace(i)` with
     interface `ifname(i)` at `addr(i)` (10.77.0.(i+1)/24), its link limited to `rate` each way
@@ -160,11 +164,21 @@ class EmulatedHosts:
     # -- set-up and clean-up ---------------------------------------------------------------------
 
     def __enter__(self) -> EmulatedHosts:
+        # A SIGTERM to this process unwinds like Ctrl-C, through close(): a killed benchmark
+        # must not leave namespaces behind. (Only the main thread may set handlers.)
+        self._old_term = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            self._old_term = signal.signal(signal.SIGTERM, _term_as_interrupt)
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
 
     def start(self) -> None:
         if os.geteuid() != 0:
