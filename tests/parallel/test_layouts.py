@@ -26,14 +26,13 @@ def reference(small_data, tmp_path_factory):
 LAYOUTS = {
     "tp2": ["--parallel.tp=2"],
     "pp2_gpipe": ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"],
-    "pp2_1f1b": ["--parallel.pp=2", "--parallel.pp_schedule=1f1b"],
     # 2 ranks x 2 virtual stages: 4 stages of one layer each, stage s on rank s % 2.
     "pp2_interleaved": ["--parallel.pp=2", "--parallel.pp_schedule=interleaved-1f1b"],
     "hsdp2x2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
     "fsdp2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
-    "pp2_fsdp2": ["--parallel.pp=2", "--parallel.dp_shard=2"],
-    "tp2_pp2": ["--parallel.tp=2", "--parallel.pp=2"],
-    "pp2_fsdp2_tp2": ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"],  # 3-D, 8 processes
+    "pp2_fsdp2": ["--parallel.pp=2", "--parallel.dp_shard=2"],  # 1f1b, the default schedule
+    # 3-D, 8 processes: also covers TP x PP and FSDP x PP together.
+    "pp2_fsdp2_tp2": ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"],
     # The FSDP knobs and activation checkpointing change when and what is computed, not the result.
     "fsdp2_knobs_ac": ["--parallel.dp_shard=2", "--parallel.reshard_after_forward=false",
                        "--parallel.fsdp_prefetch=2", "--parallel.activation_checkpoint=every-2"],
