@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stoker.config import ConfigError, ParallelConfig
+from stoker.parallel.plan import cpu_name
 
 STRATEGIES = ("ddp", "bf16", "powersgd", "diloco", "streaming", "auto")
 DEFAULT_STRATEGIES = "ddp,powersgd,streaming,auto"
@@ -132,16 +133,6 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------
 # Machine, data, planner
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ensure_data(path: Path, console) -> Path:
@@ -574,7 +565,7 @@ def write_json(path: Path, a, planner: Planner, runs: list[Run], baselines: list
 
     doc = {
         "benchmark": "ethernet", "started": started, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": planner.usable,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": planner.usable,
                     "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
                     "peak_flops_machine": planner.machine_peak, "calibrated": planner.calibrated,
                     "loopback_bw": planner.loopback_bw, "constants": asdict(planner.constants)},

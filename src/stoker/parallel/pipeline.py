@@ -20,6 +20,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from stoker.config import ParallelConfig
 from stoker.parallel.mesh import local_shard
+from stoker.parallel.plan import balanced_split
 from stoker.models.gpt import GPT
 
 
@@ -37,32 +38,7 @@ def split_layers(model: GPT, n_stages: int) -> list[range]:
         raise ValueError(f"{n_stages} pipeline stages for {n} layers: every stage needs a layer")
     first = _param_count(model.wte) + _param_count(model.wpe)
     last = _param_count(model.wte) + _param_count(model.ln_f)
-    prefix = [0]
-    for c in blocks:
-        prefix.append(prefix[-1] + c)
-
-    def cost(s: int, a: int, b: int) -> int:
-        return prefix[b] - prefix[a] + (first if s == 0 else 0) + (last if s == n_stages - 1 else 0)
-
-    # best[s][b]: the least possible maximum over stages 0..s covering blocks [0, b).
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(n_stages)]
-    cut = [[0] * (n + 1) for _ in range(n_stages)]
-    for b in range(1, n + 1):
-        best[0][b] = cost(0, 0, b)
-    for s in range(1, n_stages):
-        for b in range(s + 1, n + 1):
-            for a in range(s, b):
-                m = max(best[s - 1][a], cost(s, a, b))
-                if m < best[s][b]:
-                    best[s][b], cut[s][b] = m, a
-    bounds, b = [], n
-    for s in range(n_stages - 1, 0, -1):
-        a = cut[s][b]
-        bounds.append(range(a, b))
-        b = a
-    bounds.append(range(0, b))
-    return bounds[::-1]
+    return balanced_split(blocks, first, last, n_stages)
 
 
 def stage_module(model: GPT, layers: range, first: bool, last: bool) -> GPT:

@@ -117,17 +117,20 @@ def calibration_path() -> Path:
     return cache_dir() / "calibration.json"
 
 
-def machine_key() -> str:
-    """Calibration is per CPU model and core count: a shared home directory may serve several."""
-    name = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (what peak and calibration figures are kept per)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name}|{os.cpu_count() or 1}"
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """Calibration is per CPU model and core count: a shared home directory may serve several."""
+    return f"{cpu_name()}|{os.cpu_count() or 1}"
 
 
 @dataclass
@@ -294,27 +297,39 @@ def stage_blocks(n_layer: int, block: int, first: int, last: int, n_stages: int)
     """Blocks per pipeline stage: the split pipeline.split_layers makes (contiguous ranges that
     minimise the largest stage's parameters; the first stage also holds the embeddings, the last
     the final norm and its own copy of the tied head), from counts alone."""
-    def cost(s, a, b):
-        return (b - a) * block + (first if s == 0 else 0) + (last if s == n_stages - 1 else 0)
+    return tuple(len(r) for r in balanced_split([block] * n_layer, first, last, n_stages))
 
+
+def balanced_split(blocks: list[int], first: int, last: int, n_stages: int) -> list[range]:
+    """Contiguous ranges of `blocks` (their sizes), one per stage, minimising the largest stage,
+    where the first stage also carries `first` and the last `last` (dynamic programming)."""
+    n = len(blocks)
+    prefix = [0]
+    for c in blocks:
+        prefix.append(prefix[-1] + c)
+
+    def cost(s: int, a: int, b: int) -> int:
+        return prefix[b] - prefix[a] + (first if s == 0 else 0) + (last if s == n_stages - 1 else 0)
+
+    # best[s][b]: the least possible maximum over stages 0..s covering blocks [0, b).
     inf = float("inf")
-    best = [[inf] * (n_layer + 1) for _ in range(n_stages)]
-    cut = [[0] * (n_layer + 1) for _ in range(n_stages)]
-    for b in range(1, n_layer + 1):
+    best = [[inf] * (n + 1) for _ in range(n_stages)]
+    cut = [[0] * (n + 1) for _ in range(n_stages)]
+    for b in range(1, n + 1):
         best[0][b] = cost(0, 0, b)
     for s in range(1, n_stages):
-        for b in range(s + 1, n_layer + 1):
+        for b in range(s + 1, n + 1):
             for a in range(s, b):
                 m = max(best[s - 1][a], cost(s, a, b))
                 if m < best[s][b]:
                     best[s][b], cut[s][b] = m, a
-    sizes, b = [], n_layer
+    bounds, b = [], n
     for s in range(n_stages - 1, 0, -1):
         a = cut[s][b]
-        sizes.append(b - a)
+        bounds.append(range(a, b))
         b = a
-    sizes.append(b)
-    return tuple(sizes[::-1])
+    bounds.append(range(0, b))
+    return bounds[::-1]
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from stoker.parallel.plan import cpu_name
 
 # Declared dense peaks (TFLOP/s) of common GPUs, without sparsity, from the vendors' data sheets.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -25,16 +26,6 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 CACHE = Path(os.environ.get("STOKER_CACHE", Path.home() / ".cache" / "stoker")) / "peak_flops.json"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
@@ -77,7 +68,7 @@ def peak_flops(device: torch.device, dtype: str, cache: bool = True) -> float:
                 return GPU_PEAK_TFLOPS[key][dtype] * 1e12
         return float("nan")  # unknown GPU: MFU is reported as NaN rather than guessed
     cores = os.cpu_count() or 1
-    key = f"{_cpu_name()}|{cores}|{dtype}"
+    key = f"{cpu_name()}|{cores}|{dtype}"
     try:
         known = json.loads(CACHE.read_text())
     except (OSError, ValueError):
