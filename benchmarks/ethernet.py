@@ -19,8 +19,10 @@ process per host, each host a network namespace whose link `tc tbf` limits to th
 
 The baseline of a host count is the same per-rank work without any communication: K
 independent single-process runs, each with batch = global/K, started together, one per
-emulated host and pinned as the hosts are. Utilisation = baseline step time / the strategy's
-step time, both means over the measured steps (DiLoCo/streaming pay their exchanges on some
+emulated host and pinned as the hosts are. It runs before each link rate's runs and once at
+the end: a shared CPU's speed drifts by several percent within minutes, so each run is
+compared with the mean of the two baselines around it. Utilisation = baseline step time / the
+strategy's step time, both means over the measured steps (DiLoCo/streaming pay their exchanges on some
 steps only, so their windows are whole sync periods: --steps is rounded up to a multiple of
 H). Bytes on the wire are each host's interface counters, sampled while the run goes, between
 the first and the last measured step (start-up, the initial broadcast and the final
@@ -129,6 +131,7 @@ class Run:
     tail_s: float | None = None  # the last step's metrics line to the last host's exit
     steps_s: float | None = None  # sum of all steps' step_time_s
     stderr_tail: dict = field(default_factory=dict)  # host -> the end of its output, for a failed run
+    baselines: list[int] = field(default_factory=list)  # indices into this host count's baselines around it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def run_baseline(a, hosts: int, when: str, data: Path, work: Path, planner: Plan
     from stoker.parallel.hosts import EmulatedHosts
 
     total = a.warmup + a.steps + 1
-    dirs = [work / f"k{hosts}-baseline-{when}-h{i}" for i in range(hosts)]
+    dirs = [work / f"k{hosts}-baseline-{when.replace(' ', '-')}-h{i}" for i in range(hosts)]
     argv = [sys.executable, "-m", "stoker", "train", *common_args(a, data), f"--train.batch_size={a.batch // hosts}",
             f"--train.steps={total}"]
     t0 = time.monotonic()
@@ -654,7 +657,7 @@ def main(argv=None) -> int:
     out, plot_path = Path(a.out), Path(a.plot)
     runs: list[Run] = []
     baselines: list[Baseline] = []
-    n_total = len(a.hosts) * (len(a.rates) * len(a.strategies) + 2)
+    n_total = len(a.hosts) * (len(a.rates) * (len(a.strategies) + 1) + 1)
     done = 0
     t_start = time.monotonic()
 
@@ -663,28 +666,32 @@ def main(argv=None) -> int:
         done += 1
         console.print(f"[{done}/{n_total}, {time.monotonic() - t_start:,.0f} s] {what}", highlight=False)
 
-    def baseline_of(k: int) -> float | None:
-        ok = [b.step_s for b in baselines if b.hosts == k and b.ok]
+    def baseline_of(r: Run) -> float | None:
+        mine = [b for b in baselines if b.hosts == r.hosts]
+        ok = [mine[i].step_s for i in r.baselines if i < len(mine) and mine[i].ok]
         return sum(ok) / len(ok) if ok else None
 
     def refresh(k: int) -> None:
-        base = baseline_of(k)
         for r in runs:
-            if r.hosts == k and r.ok and base:
+            if r.hosts == k and r.ok and (base := baseline_of(r)):
                 r.baseline_s, r.utilisation = base, base / r.step_s
+
+    def new_baseline(k: int, when: str) -> None:
+        b = run_baseline(a, k, when, data, work, planner)
+        baselines.append(b)
+        refresh(k)
+        progress(f"{k} hosts, compute-only baseline {when}: " + (f"{b.step_s:.3f} s/step" if b.ok else f"failed: {b.error}"))
 
     interrupted = False
     try:
         for k in a.hosts:
-            b = run_baseline(a, k, "before", data, work, planner)
-            baselines.append(b)
-            progress(f"{k} hosts, compute-only baseline: "
-                     + (f"{b.step_s:.3f} s/step" if b.ok else f"failed: {b.error}"))
-            for rate in a.rates:
+            for j, rate in enumerate(a.rates):
+                new_baseline(k, f"before {rate}")
                 try:
                     with EmulatedHosts(k, rate=None if rate == "unlimited" else rate, pin=not a.no_pin) as eh:
                         for s in a.strategies:
                             r = run_one(a, k, rate, s, eh, planner, data, work)
+                            r.baselines = [j, j + 1]
                             predict_run(r, planner)
                             runs.append(r)
                             refresh(k)
@@ -698,10 +705,7 @@ def main(argv=None) -> int:
                         if not any(r.hosts == k and r.rate == rate and r.strategy == s for r in runs):
                             runs.append(Run(k, rate, s, [], 0, [0, 0], notes=[f"emulated hosts: {e}"]))
                             progress(f"{k} hosts, {rate}, {s}: failed: {e}")
-            b = run_baseline(a, k, "after", data, work, planner)
-            baselines.append(b)
-            refresh(k)
-            progress(f"{k} hosts, compute-only baseline again: " + (f"{b.step_s:.3f} s/step" if b.ok else f"failed: {b.error}"))
+            new_baseline(k, "at the end")
     except KeyboardInterrupt:
         interrupted = True
         console.print("interrupted: the results so far follow (the emulated hosts are removed)")

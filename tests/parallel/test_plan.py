@@ -261,3 +261,22 @@ def test_single_process_and_calibration_free_cpu_plan(monkeypatch, tmp_path):
     assert code == 0, err
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows[0]["layout"] == "single process" and "--nproc" not in rows[0]["command"]
+
+
+def test_auto_trains_with_the_planners_choice_for_a_slow_link(small_data, tmp_path):
+    """--parallel.auto=true on 2 processes whose link is declared at 1 Mbit/s: the debug model's
+    fp32 gradients (0.3 MB a step) would take seconds against milliseconds of compute, so the
+    run must not be plain DDP; the config saved with the run is the choice, and it learns."""
+    from conftest import losses, run_train
+
+    out = tmp_path / "auto"
+    r = run_train(small_data, out, "--train.steps=8", "--parallel.auto=true", "--parallel.link_gbps=0.001", nproc=2)
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("parallel.auto:"))
+    assert "of " in line and "GFLOP/s" in line  # compute measured on the model's own shapes
+    cfg = load_config(out / "config.toml")
+    assert not cfg.parallel.auto and cfg.parallel.world == 2
+    got = {"parallel.dp_replicate": cfg.parallel.dp_replicate, "parallel.grad_compression": cfg.parallel.grad_compression,
+           "parallel.sync": cfg.parallel.sync}
+    assert not _plain_ddp(got), got
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 9)) and curve[8] < curve[1]

@@ -58,7 +58,8 @@ class PowerSGD:
     warm-start matrices by bucket index, and DDP re-forms its buckets after the first step of
     every new process: a resumed run would apply the saved errors to the wrong gradients.
     Here every piece of state is keyed by parameter name, so a checkpoint carries it exactly.
-    Per step: the vectors and the P factors go in one all-reduce, the Q factors in a second.
+    Per bucket: the vectors and the P factors go in one all-reduce, the Q factors in a
+    second, both while backward goes on.
     """
 
     def __init__(self, group: dist.ProcessGroup, names: dict[int, str], rank: int, warmup: int, seed: int = 0):
@@ -66,7 +67,7 @@ class PowerSGD:
         self.iter = 0  # synchronised steps so far: compression starts at `warmup`
         self.err: dict[str, torch.Tensor] = {}  # what compression left out of this rank's gradient
         self.q: dict[str, torch.Tensor] = {}  # last step's right factors, the next power iteration's start
-        self._held: list = []  # this step's buckets so far: (parameters, gradient views, buffer, future)
+        self._held: list = []  # this step's buckets so far: [mats, rest, ps, buffer, work, bucket, future]
 
     def _compressed(self, g: torch.Tensor) -> int:
         """The rank to compress `g` at, or 0 where the factors would not be much smaller."""
@@ -88,30 +89,36 @@ class PowerSGD:
                 self.iter += 1
             buf.div_(self.group.size())
             return dist.all_reduce(buf, group=self.group, async_op=True).get_future().then(lambda f: f.value()[0])
-        # Hold each bucket until DDP hands over the last one, then compress them all at once:
-        # two all-reduces a step, issued from this thread in the same order on every rank.
-        # (Chaining a bucket's second all-reduce onto its first one's completion issues them
-        # from gloo's threads in whatever order the buckets finish: ranks then disagree.)
+        # Every all-reduce is issued from this (the backward) thread, in bucket order, so the
+        # ranks agree on their order. (torch's hook chains a bucket's second all-reduce onto
+        # its first one's completion, on gloo's threads, in whatever order buckets finish:
+        # ranks then disagree and the run aborts.) Bucket i's P factors leave at once; at
+        # bucket i+1 its Q factors follow, so both hide behind the rest of backward.
         fut = torch.futures.Future()
-        self._held.append((bucket.parameters(), bucket.gradients(), buf, fut))
-        if bucket.is_last():
-            held, self._held = self._held, []
-            try:
-                self._reduce([(self.names[id(p)], g) for params, grads, _, _ in held for p, g in zip(params, grads)])
-            except Exception as e:
-                for *_, f in held:
-                    f.set_exception(e)
-                raise
-            for _, _, b, f in held:
-                f.set_result(b)
-            self.iter += 1
+        try:
+            named = [(self.names[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients())]
+            self._held.append(self._send_p(named) + [buf, fut])
+            if len(self._held) > 1:
+                self._send_q(self._held[-2])
+            if bucket.is_last():
+                self._send_q(self._held[-1])
+                for h in self._held:
+                    self._finish(h)
+                for h in self._held:
+                    h[-1].set_result(h[-2])
+                self._held = []
+                self.iter += 1
+        except Exception as e:
+            for f in [h[-1] for h in self._held if h[-1] is not fut] + [fut]:
+                f.set_exception(e)
+            self._held = []
+            raise
         return fut
 
     @torch.no_grad()
-    def _reduce(self, named_grads: list[tuple[str, torch.Tensor]]) -> None:
-        """Replace each gradient by the ranks' mean: whole for vectors and small matrices, a
-        rank-r estimate (one power iteration from last step's factors) for the others."""
-        n_ranks = self.group.size()
+    def _send_p(self, named_grads: list[tuple[str, torch.Tensor]]) -> list:
+        """Start the first all-reduce of a bucket: its vectors and small matrices whole, and
+        the P factors (one power iteration from last step's Q) of the others."""
         mats, rest = [], []  # (name, (n, m) view, rank, local copy), plain gradients
         for name, g in named_grads:
             r = self._compressed(g)
@@ -125,10 +132,17 @@ class PowerSGD:
         qs = [_orthonormal(self.q[name]) if name in self.q else self._start_q(name, m.shape[1], r, m)
               for name, m, r, _ in mats]
         ps = [m @ q for (_, m, _, _), q in zip(mats, qs)]  # (n, r)
-        n_rest = sum(g.numel() for g in rest)
         flat = torch.cat([g.reshape(-1) for g in rest] + [p.reshape(-1) for p in ps])
-        flat[:n_rest].div_(n_ranks)
-        dist.all_reduce(flat, group=self.group)
+        flat[:sum(g.numel() for g in rest)].div_(self.group.size())
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        return [mats, rest, ps, flat, work]
+
+    @torch.no_grad()
+    def _send_q(self, held: list) -> None:
+        """When a bucket's P factors have arrived: orthonormalise them and start the all-reduce
+        of its Q factors."""
+        mats, rest, ps, flat, work = held[:5]
+        work.wait()
         i = 0
         for g in rest:
             g.copy_(flat[i:i + g.numel()].view_as(g))
@@ -136,16 +150,23 @@ class PowerSGD:
         for (_, m, _, _), p in zip(mats, ps):
             p.copy_(_orthonormal(flat[i:i + p.numel()].view_as(p)))
             i += p.numel()
-        if not mats:
+        qflat = torch.cat([(m.t() @ p).reshape(-1) for (_, m, _, _), p in zip(mats, ps)]) if mats else None
+        held[3:5] = [qflat, dist.all_reduce(qflat, group=self.group, async_op=True) if mats else None]
+
+    @torch.no_grad()
+    def _finish(self, held: list) -> None:
+        """When a bucket's Q factors have arrived: the rank-r estimate of the mean gradient,
+        and what it left out of this rank's gradient for next step."""
+        mats, _, ps, flat, work = held[:5]
+        if work is None:
             return
-        flat = torch.cat([(m.t() @ p).reshape(-1) for (_, m, _, _), p in zip(mats, ps)])  # the Qs, (m, r) each
-        dist.all_reduce(flat, group=self.group)
-        flat.div_(n_ranks)
+        work.wait()
+        flat.div_(self.group.size())
         i = 0
         for (name, m, r, local), p in zip(mats, ps):
             q = flat[i:i + m.shape[1] * r].view(m.shape[1], r)
             i += q.numel()
-            m.copy_(p @ q.t())  # the rank-r estimate of the mean gradient
+            m.copy_(p @ q.t())
             self.err[name] = local - m
             self.q[name] = q.clone()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -492,10 +493,42 @@ def measure_link(info: DistInfo, nbytes: int = 4 << 20) -> tuple[float, float]:
     return from_rank0(bw), from_rank0(latency)
 
 
+def measure_efficiency(gcfg: GPTConfig, info: DistInfo, rows: int, seq_len: int, dtype: str, peak: float) -> float:
+    """Collective: achieved / peak FLOP/s of a training step of this model's own shapes, from a
+    one-block copy (embeddings, one block, head, loss; a few seconds) run by every rank at once,
+    as they will share cores; the slowest rank's. The planner scales it to the whole model: its
+    efficiency constant differs between model sizes (measured on one core: 0.64 for preset
+    tiny, 0.89 for mini), so a figure from another model misjudges compute against the link."""
+    one = dataclasses.replace(gcfg, n_layer=1, dropout=0.0)
+    with torch.device(info.device):
+        model = GPT(one)
+    idx = torch.randint(0, one.vocab_size, (rows, seq_len), device=info.device)
+    cast = torch.autocast(info.device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+    def step() -> float:
+        if info.device.type == "cuda":
+            torch.cuda.synchronize(info.device)
+        t0 = time.perf_counter()
+        with cast:
+            loss = loss_fn(model(idx), idx)
+        loss.backward()
+        if info.device.type == "cuda":
+            torch.cuda.synchronize(info.device)
+        return time.perf_counter() - t0
+
+    step()  # kernels chosen, memory allocated
+    best = min(step() for _ in range(3))
+    if dist.is_initialized():
+        box = torch.tensor([best], device=info.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        best = float(box)
+    return flops_per_token(one, seq_len) * rows * seq_len / (best * peak)
+
+
 def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
     """parallel.auto: set cfg.parallel (and the micro-batch) to `stoker plan`'s first choice for
     these processes, hosts and links, the same on every rank."""
-    from stoker.parallel.plan import choose
+    from stoker.parallel.plan import Constants, choose
 
     t, pcfg = cfg.train, cfg.parallel
     if info.world > 1:
@@ -516,6 +549,10 @@ def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
             box = torch.tensor([peak])
             dist.all_reduce(box, op=dist.ReduceOp.MIN)
             peak = float(box)
+    rows = max(1, min(t.micro_batch_size or t.batch_size // max(1, info.world), 4))
+    constants = Constants.for_device(info.device.type, info.local_world)
+    constants.efficiency = measure_efficiency(gcfg, info, rows, t.seq_len, t.dtype, peak)
+    constants.source += f"; efficiency {constants.efficiency:.0%} measured on this model's shapes"
     choice = None
     if info.is_main:
         if info.device.type == "cuda":
@@ -524,9 +561,10 @@ def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / info.local_world
         choice = choose(gcfg, info.hosts, info.local_world, peak, memory, inter_bw=bw,
                         intra_bw=bw if info.hosts == 1 else max(bw, 1e9), latency_s=latency, batch=t.batch_size,
-                        seq_len=t.seq_len, dtype=t.dtype, device=info.device.type, micro_batch_size=t.micro_batch_size)
+                        seq_len=t.seq_len, dtype=t.dtype, device=info.device.type, micro_batch_size=t.micro_batch_size,
+                        constants=constants)
         print(f"parallel.auto: {info.hosts} host(s) x {info.local_world} process(es), link {bw * 8 / 1e9:.3g} Gbit/s, "
-              f"latency {latency * 1e6:.0f} us -> " + " ".join(f"--{k}={v}" for k, v in choice.items()), flush=True)
+              f"latency {latency * 1e6:.0f} us, compute at {constants.efficiency:.0%} of {peak / 1e9:.3g} GFLOP/s -> " + " ".join(f"--{k}={v}" for k, v in choice.items()), flush=True)
     for key, value in from_rank0(choice).items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
