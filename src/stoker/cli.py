@@ -256,6 +256,17 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         print(f"stoker hosts: {msg}", file=sys.stderr)
         return USAGE_ERROR
 
+    if args.clean:
+        from stoker.parallel.hosts import remove_stale
+
+        try:
+            removed = remove_stale()
+        except ConfigError as e:
+            return fail(str(e))
+        print("\n".join(f"removed {r}" for r in removed) or "nothing left behind by earlier runs")
+        return 0
+    if args.hosts is None:
+        return fail("--hosts K is required (or --clean)")
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if cmd[:1] != ["train"]:
         return fail("give the command after --, e.g. stoker hosts --hosts 2 -- train --parallel.dp_replicate=2")
@@ -389,8 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "received; exits with the worst exit code. The namespaces, bridge and links are\n"
                                     "removed however the run ends. Needs root (ip netns, tc).",
                         epilog="example:\n  stoker hosts --hosts 2 --rate 1gbit --nproc-per-host 2 -- train "
-                               "--parallel.dp_replicate=2 --parallel.dp_shard=2")
-    ph.add_argument("--hosts", type=int, required=True, metavar="K", help="number of emulated hosts")
+                               "--parallel.dp_replicate=2 --parallel.dp_shard=2\n  stoker hosts --clean")
+    ph.add_argument("--hosts", type=int, default=None, metavar="K", help="number of emulated hosts")
+    ph.add_argument("--clean", action="store_true",
+                    help="only remove what runs killed outright (SIGKILL) left behind: namespaces and links "
+                         "named stk<pid>... whose process is gone; a run in progress is never touched")
     ph.add_argument("--rate", default=None, help="link rate each way, e.g. 100mbit, 250mbit, 1gbit, 500kbit "
                                                  "(default: unlimited)")
     ph.add_argument("--nproc-per-host", type=int, default=1, metavar="P", help="processes per host (default 1)")

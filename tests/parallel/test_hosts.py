@@ -151,6 +151,35 @@ def test_a_crashed_host_stops_the_others_and_is_cleaned_up():
     assert _leftovers(prefix) == []
 
 
+@needs_root
+def test_clean_removes_what_a_killed_run_left_and_nothing_of_a_live_one(tmp_path):
+    """SIGKILL leaves no chance to clean up: `stoker hosts --clean` removes what is named after
+    a process that is gone, and leaves a run in progress alone."""
+    made = tmp_path / "prefix"
+    script = ("import sys, time\nfrom stoker.parallel.hosts import EmulatedHosts\n"
+              "h = EmulatedHosts(2, '100mbit'); h.start()\n"
+              f"open({str(made)!r}, 'w').write(h.prefix)\ntime.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(600):
+            if made.exists() and made.read_text():
+                break
+            time.sleep(0.05)
+        dead = made.read_text()
+        p.kill()
+        p.wait()
+        with EmulatedHosts(2) as live:
+            assert len(_leftovers(dead)) >= 5
+            r = subprocess.run([sys.executable, "-m", "stoker", "hosts", "--clean"], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            assert f"namespace {dead}h0" in r.stdout and live.prefix not in r.stdout, r.stdout
+            assert _leftovers(dead) == []
+            assert len(_leftovers(live.prefix)) >= 5  # untouched: its process runs
+    finally:
+        p.kill()
+        subprocess.run([sys.executable, "-m", "stoker", "hosts", "--clean"], capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def reference(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "single"

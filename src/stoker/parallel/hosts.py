@@ -9,6 +9,7 @@ and is recorded when made; clean-up removes exactly what was recorded, whatever 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -121,6 +122,56 @@ def _kill_tree(pid: int) -> None:
 
 def _term_as_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+_STALE = re.compile(r"^stk(\d+)[a-z](?:br|b\d+|h\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale() -> list[str]:
+    """Remove what emulated hosts left behind when their process was killed outright (SIGKILL,
+    a crash of the machine's own tools): namespaces, bridges and links named `stk<pid>...`,
+    their /etc/netns files and iptables rules, only where process <pid> no longer runs, so a
+    run in progress is never touched. Returns what was removed. Needs root."""
+    if os.geteuid() != 0:
+        raise ConfigError("needs root to remove network namespaces (run as root)")
+
+    def stale(name: str) -> bool:
+        m = _STALE.match(name)
+        return bool(m) and not _alive(int(m.group(1)))
+
+    removed = []
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    links = [ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines() if ln.count(":") >= 2]
+    for name in sorted(n for n in links if stale(n)):
+        if subprocess.run(["ip", "link", "del", name], capture_output=True).returncode == 0:
+            removed.append(f"link {name}")
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in sorted(ln.split()[0] for ln in out.splitlines() if ln.split() and stale(ln.split()[0])):
+        if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
+            removed.append(f"namespace {name}")
+        d = NETNS_ETC / name
+        if (d / "hosts").is_file():
+            (d / "hosts").unlink()
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    if shutil.which("iptables"):
+        out = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
+        for ln in out.splitlines():
+            words = ln.split()
+            if words[:1] == ["-A"] and "-i" in words and stale(words[words.index("-i") + 1]):
+                if subprocess.run(["iptables", "-D", *words[1:]], capture_output=True).returncode == 0:
+                    removed.append(f"iptables rule {' '.join(words[1:])}")
+    return removed
 
 
 class EmulatedHosts:
