@@ -17,6 +17,14 @@ process per host, each host a network namespace whose link `tc tbf` limits to th
              (its window is sized for what the planner is expected to choose; a note says
              when it chose otherwise)
 
+DDP-based runs (ddp, bf16, powersgd, and auto when it picks one of them) time their own
+compute-only steps: under train.compute_probe every even step skips the gradient exchange,
+and utilisation is the median over pairs of (local step / the exchanging step just before
+it). On a shared machine whose speed drifts by 10-20% within minutes (measured here: the
+same baseline 4.60 s and 5.41 s twenty minutes apart), only steps taken side by side compare
+fairly. Their step time is the mean of the exchanging steps. --unpaired compares them with
+the baseline runs instead.
+
 The baseline of a host count is the same per-rank work without any communication: K
 independent single-process runs, each with batch = global/K, started together, one per
 emulated host and pinned as the hosts are. It runs before each link rate's runs and once at
@@ -45,6 +53,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,6 +141,9 @@ class Run:
     steps_s: float | None = None  # sum of all steps' step_time_s
     stderr_tail: dict = field(default_factory=dict)  # host -> the end of its output, for a failed run
     baselines: list[int] = field(default_factory=list)  # indices into this host count's baselines around it
+    paired: bool = False  # utilisation from the run's own local steps (train.compute_probe)
+    local_s: float | None = None  # mean of the measured local (no-exchange) steps
+    pair_ratios: list[float] = field(default_factory=list)  # local / synced, pair by pair
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +269,19 @@ def strategy_overrides(name: str, hosts: int) -> tuple[list[str], dict]:
     return args, base
 
 
-def window_for(settings: dict, warmup: int, steps: int) -> tuple[int, int]:
+def window_for(settings: dict, warmup: int, steps: int, paired: bool = False) -> tuple[int, int]:
     """(steps left out at the start, steps measured) for these settings: PowerSGD's exact
-    warm-up is left out, DiLoCo/streaming are measured over whole periods."""
+    warm-up is left out, DiLoCo/streaming are measured over whole periods. Paired (DDP-based
+    runs under train.compute_probe): `steps` pairs of an exchanging (odd) step and the local
+    (even) step after it; PowerSGD's warm-up counts exchanging steps only."""
+    sync = settings.get("parallel.sync", "step")
+    if paired and sync == "step":
+        skip = 2 * max(warmup, POWERSGD_WARMUP if settings.get("parallel.grad_compression") == "powersgd" else 0)
+        return skip, 2 * steps
     skip, measured = warmup, steps
     if settings.get("parallel.grad_compression") == "powersgd":
         skip = max(skip, POWERSGD_WARMUP)
-    if settings.get("parallel.sync", "step") != "step":
+    if sync != "step":
         h = int(settings.get("parallel.sync_every", SYNC_EVERY))
         measured = math.ceil(steps / h) * h
     return skip, measured
@@ -379,7 +397,10 @@ def run_baseline(a, hosts: int, when: str, data: Path, work: Path, planner: Plan
 def run_one(a, hosts: int, rate: str, strategy: str, eh, planner: Planner, data: Path, work: Path) -> Run:
     args, settings = strategy_overrides(strategy, hosts)
     guess = planner.auto_guess(hosts, rate) if strategy == "auto" else settings
-    skip, measured = window_for(guess, a.warmup, a.steps)
+    paired = not a.unpaired and strategy in ("ddp", "bf16", "powersgd", "auto")
+    if paired:
+        args = [*args, "--train.compute_probe=true"]
+    skip, measured = window_for(guess, a.warmup, a.steps, paired)
     total = skip + measured + 1  # one step after the window: the end-of-run traffic stays out of it
     out = work / f"k{hosts}-{rate}-{strategy}"
     shutil.rmtree(out, ignore_errors=True)
@@ -399,7 +420,7 @@ def run_one(a, hosts: int, rate: str, strategy: str, eh, planner: Planner, data:
         run.auto_line = m.group(0)
         run.auto_choice = {k: v for k, v in _OVERRIDE.findall(m.group(0).split("->", 1)[-1])}
         settings = {k: v for k, v in run.auto_choice.items() if k.startswith("parallel.")}
-        if window_for(settings, a.warmup, a.steps) != (skip, measured):
+        if window_for(settings, a.warmup, a.steps, paired) != (skip, measured):
             run.notes.append(f"the measured window (steps {skip + 1}..{skip + measured}) was sized for "
                              f"{guess.get('parallel.sync', 'step')}/{guess.get('parallel.grad_compression', 'none')}; "
                              "auto chose otherwise")
@@ -415,6 +436,12 @@ def run_one(a, hosts: int, rate: str, strategy: str, eh, planner: Planner, data:
             run.stderr_tail = failure(res)[1]
             return run
     run.ok = True
+    local = {r["step"]: r["step_time_s"] for r in window if r.get("local")}
+    if local:  # pairs: an exchanging step and the local step after it, one after the other
+        synced = [r for r in window if not r.get("local")]
+        run.paired, run.local_s = True, sum(local.values()) / len(local)
+        run.pair_ratios = [local[r["step"] + 1] / r["step_time_s"] for r in synced if r["step"] + 1 in local]
+        window = synced
     times = [r["step_time_s"] for r in window]
     run.step_s, run.step_s_min, run.step_s_max = sum(times) / len(times), min(times), max(times)
     run.steps_s = sum(r["step_time_s"] for r in recs)
@@ -424,7 +451,10 @@ def run_one(a, hosts: int, rate: str, strategy: str, eh, planner: Planner, data:
     run.tail_s = run.wall_s - last[0] if last else None
     s0, s1 = sampler.first_at(skip), sampler.first_at(skip + measured)
     if s0 and s1 and s1[1] > s0[1]:
-        run.wire_mb_per_step = sum(b - a_ for a_, b in zip(s0[2], s1[2])) / (s1[1] - s0[1]) / MB
+        n_steps = s1[1] - s0[1]
+        if run.paired:  # local steps send only the loss: count the exchanging steps
+            n_steps = sum(1 for st in range(s0[1] + 1, s1[1] + 1) if st % 2 == 1)
+        run.wire_mb_per_step = sum(b - a_ for a_, b in zip(s0[2], s1[2])) / max(1, n_steps) / MB
         run.wire_window = [s0[1], s1[1]]
         if s1[1] >= total:
             run.notes.append("the byte count's last sample came after the last step: it may hold the final "
@@ -603,12 +633,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="global batch in sequences, divided by each host count (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=int, default=6,
-                   help="measured steps per run (default 6; DiLoCo/streaming: rounded up to whole periods of H=8)")
+                   help="measured steps per run (default 6; paired runs: 6 pairs; DiLoCo/streaming: rounded up to "
+                        "whole periods of H=8)")
     p.add_argument("--warmup", type=int, default=1, help="steps before the measured ones, left out (default 1)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="train.dtype (default fp32)")
     p.add_argument("--data-dir", default="data/stdlib", help="prepared data (made with `stoker prepare` if missing)")
     p.add_argument("--out", default="benchmarks/results/ethernet.json", help="JSON results")
     p.add_argument("--plot", default="docs/ethernet.png", help="utilisation against link rate (PNG)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="DDP-based runs too against the compute-only baseline runs, not their own local steps")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds one run may take before it is stopped (default 1800)")
     p.add_argument("--no-pin", action="store_true", help="do not pin each host to its own core(s)")
@@ -673,7 +706,9 @@ def main(argv=None) -> int:
 
     def refresh(k: int) -> None:
         for r in runs:
-            if r.hosts == k and r.ok and (base := baseline_of(r)):
+            if r.hosts == k and r.ok and r.paired and r.pair_ratios:
+                r.baseline_s, r.utilisation = r.local_s, statistics.median(r.pair_ratios)
+            elif r.hosts == k and r.ok and (base := baseline_of(r)):
                 r.baseline_s, r.utilisation = base, base / r.step_s
 
     def new_baseline(k: int, when: str) -> None:

@@ -87,6 +87,9 @@ class TrainConfig:
     on_nonfinite: str = _opt("stop", "a NaN/inf gradient: stop (keeping the last good checkpoint), or skip that step "
                                      "(5 in a row still stop)")
     allow_schedule_change: bool = _opt(False, "let a resumed run change the checkpoint's learning-rate schedule")
+    compute_probe: bool = _opt(False, "for measuring only: every even step skips DDP's gradient exchange (its "
+                                      "metrics line says local: true), so one run times steps with and without "
+                                      "communication side by side; the replicas drift apart")
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "keep_last", "log_every", "eval_batches"):

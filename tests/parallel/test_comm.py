@@ -22,6 +22,7 @@ SETTINGS = {
     "diloco": ["--parallel.sync=diloco", "--parallel.sync_every=4"],
     # Fragment 1 is sent at step 6 and lands at step 7: a checkpoint at 6 holds it in flight.
     "streaming": ["--parallel.sync=streaming", "--parallel.sync_every=4", "--parallel.sync_fragments=2"],
+    "probe": ["--train.compute_probe=true"],
 }
 
 # Loss budgets against exact DDP after 12 steps (the loss falls ~0.35 over them):
@@ -95,3 +96,15 @@ def test_checkpoints_move_between_settings(small_data, runs, halfway, tmp_path):
     assert abs(losses(tmp_path / "b")[7] - streaming[7]) < 0.05  # the mean of two replicas 0-2 steps apart
     state = json.loads((tmp_path / "b/checkpoints/step_00000012/trainer.json").read_text())
     assert not any(n.startswith("rank_") for n in state["files"])  # exact DDP keeps no per-rank state
+
+
+def test_compute_probe_skips_the_exchange_on_even_steps_only(runs):
+    """train.compute_probe (benchmarks/ethernet.py's paired timing): even steps are marked local
+    and use this rank's own gradients, so the replicas part from exact DDP after step 2 and not
+    before; odd steps exchange as usual."""
+    recs = [json.loads(line) for line in (runs / "probe" / "metrics.jsonl").read_text().splitlines()]
+    local = {r["step"] for r in recs if r.get("local")}
+    assert local == set(range(2, STEPS + 1, 2))
+    ref, got = losses(runs / "ddp"), losses(runs / "probe")
+    assert got[1] == ref[1] and got[2] == ref[2]  # losses before any local update is applied
+    assert got[3] != ref[3]

@@ -144,6 +144,7 @@ class Ctx:
     pp_group: dist.ProcessGroup | None = None
     tied: TiedGradSync | None = None
     norm_skip: frozenset[int] = frozenset()  # ids of parameters whose norm another stage counts
+    local: bool = False  # this step exchanges no gradients (train.compute_probe)
 
     def loss_context(self):
         return loss_parallel() if self.tp else contextlib.nullcontext()
@@ -193,7 +194,7 @@ def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     model = ctx.parts[0]
     loss_sum = torch.zeros(1, device=ctx.info.device)
     for i, (xm, ym) in enumerate(_micro_batches(x, y, ctx.accum)):
-        with _sync_context(model, last=i == ctx.accum - 1), ctx.loss_context():
+        with _sync_context(model, last=i == ctx.accum - 1 and not ctx.local), ctx.loss_context():
             with ctx.autocast:
                 loss = loss_fn(model(xm.to(ctx.info.device)), ym.to(ctx.info.device)) / ctx.accum
             loss.backward()
@@ -402,8 +403,12 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             f"{layout}, {t.dtype}, "
             f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {t.steps} steps"
         )
+        probe = t.compute_probe and isinstance(parts[0], DDP)
+        if t.compute_probe and not probe:
+            progress.note("train.compute_probe: this layout has no DDP gradient exchange to skip; every step is normal")
         while step < t.steps:
             t0 = time.perf_counter()
+            ctx.local = probe and step % 2 == 1
             lr = lr_at(step, t)
             for opt in optimizers:
                 for g in opt.param_groups:
@@ -448,7 +453,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             mfu = tps * fpt / peak
             if log and (step % t.log_every == 0 or step == t.steps or skipped):
                 log.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
-                           "mfu": mfu, "step_time_s": dt, **({"skipped": True} if skipped else {})})
+                           "mfu": mfu, "step_time_s": dt, **({"skipped": True} if skipped else {}),
+                           **({"local": True} if ctx.local else {})})
             progress.update(step, loss_val, tps, mfu)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 val = run_eval(step)
