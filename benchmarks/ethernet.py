@@ -400,6 +400,10 @@ def run_one(a, hosts: int, rate: str, strategy: str, eh, planner: Planner, data:
     paired = not a.unpaired and strategy in ("ddp", "bf16", "powersgd", "auto")
     if paired:
         args = [*args, "--train.compute_probe=true"]
+    if paired and strategy == "auto" and guess.get("parallel.sync", "step") == "step":
+        # Whichever of DDP, bf16 or PowerSGD auto picks, its window starts after PowerSGD's
+        # warm-up (the guess here cannot know the per-byte CPU cost auto measures).
+        guess = {**guess, "parallel.grad_compression": "powersgd"}
     skip, measured = window_for(guess, a.warmup, a.steps, paired)
     total = skip + measured + 1  # one step after the window: the end-of-run traffic stays out of it
     out = work / f"k{hosts}-{rate}-{strategy}"
@@ -420,7 +424,8 @@ def run_one(a, hosts: int, rate: str, strategy: str, eh, planner: Planner, data:
         run.auto_line = m.group(0)
         run.auto_choice = {k: v for k, v in _OVERRIDE.findall(m.group(0).split("->", 1)[-1])}
         settings = {k: v for k, v in run.auto_choice.items() if k.startswith("parallel.")}
-        if window_for(settings, a.warmup, a.steps, paired) != (skip, measured):
+        need_skip, need_measured = window_for(settings, a.warmup, a.steps, paired)
+        if need_skip > skip or need_measured != measured:
             run.notes.append(f"the measured window (steps {skip + 1}..{skip + measured}) was sized for "
                              f"{guess.get('parallel.sync', 'step')}/{guess.get('parallel.grad_compression', 'none')}; "
                              "auto chose otherwise")

@@ -1,5 +1,7 @@
 """The planner against a finished `benchmarks/ethernet.py` run, with its compute efficiency
-fitted to the one measurement that has no communication: the compute-only baseline.
+fitted to each run's compute-only time: its own local steps for a paired run, else the
+compute-only baseline runs around it. (This machine's speed drifts by 10-20% within minutes,
+so one fitted figure for the whole benchmark would mostly measure the drift.)
 
     python benchmarks/ethernet_fit.py benchmarks/results/ethernet-2hosts.json
 
@@ -40,7 +42,7 @@ def main() -> None:
     planner = eth.Planner(s["preset"], vocab, s["batch"], s["seq_len"], s["dtype"])
     print(f"{'hosts':>5} {'rate':>9} {'strategy':<26} {'meas s':>7} {'pred s':>7} {'pred/meas':>9} "
           f"{'state MB meas':>13} {'pred':>7}")
-    fitted = {}
+    fitted, compute = {}, {}
     for b in d["baselines"]:
         if not b["ok"] or b["hosts"] in fitted:
             continue
@@ -48,7 +50,7 @@ def main() -> None:
         e0 = planner.constants.efficiency
         # The compute-only runs: one process per host, batch/k each, no communication.
         row = planner.predict(1, "unlimited", {"parallel.dp_replicate": 1}, batch=s["batch"] // k, sharing=k)
-        fitted[k] = e0 * row.compute_s / b["step_s"]
+        fitted[k], compute[k] = e0 * row.compute_s / b["step_s"], (e0, row.compute_s)
         print(f"{k} hosts: compute-only {b['step_s']:.2f} s/step measured, {row.compute_s:.2f} s predicted at the "
               f"calibrated efficiency {e0:.2f}; fitted efficiency {fitted[k]:.2f}")
     ratios = []
@@ -56,6 +58,9 @@ def main() -> None:
         if not r["ok"]:
             continue
         planner.constants.efficiency = fitted.get(r["hosts"], planner.constants.efficiency)
+        if r.get("baseline_s") and r["hosts"] in compute:  # this run's own compute-only time
+            e0, c = compute[r["hosts"]]
+            planner.constants.efficiency = e0 * c / r["baseline_s"]
         run = eth.Run(**{f: r[f] for f in ("hosts", "rate", "strategy", "args", "steps_total", "window")})
         run.auto_choice, run.step_s = r.get("auto_choice"), r["step_s"]
         eth.predict_run(run, planner)

@@ -149,6 +149,12 @@ class Constants:
     # following steps for streaming DiLoCo) that really hides communication: on a CPU, gloo's
     # thread competes with compute for the same cores (--calibrate measures it).
     overlap: float = 0.9
+    # CPU hosts: seconds of a computing core's time that each byte a rank sends costs (the
+    # kernel's TCP path and gloo's copies and sums run on the cores that compute), which no
+    # overlap hides. parallel.auto measures it on its own link (measured on 2 emulated hosts
+    # over veth and a bridge: DDP's synchronised steps of mini about 9% slower than local ones
+    # at 1 Gbit/s where PowerSGD's were not).
+    comm_cpu_s_per_byte: float = 0.0
     # Time of an all-gather / reduce-scatter relative to a ring moving the ideal (n-1)/n of the
     # tensor at the link's bandwidth. gloo's reduce-scatter sends the whole tensor like an
     # all-reduce (2x); --calibrate measures both on the loopback.
@@ -701,6 +707,8 @@ class _Planner:
             parts["pp"] += t_tied
             wire += w_tied
 
+        if ddp and hw.device == "cpu":  # (FSDP on gloo blocks: its CPU cost is inside its time)
+            parts["dp"] += wire * k.comm_cpu_s_per_byte
         comm = sum(parts.values())
         step = compute_total + bubble + recompute + comm + optimizer
         overrides = self._overrides(pp, dr, ds, tp, meth, micro)
@@ -1156,6 +1164,9 @@ def add_parser(sub) -> None:
                                                               "fastest that fits)")
     p.add_argument("--efficiency", type=float, default=None, help="achieved / peak FLOP/s of a step (default: "
                                                                   "calibrated on the CPU, 0.45 on GPUs)")
+    p.add_argument("--comm-cpu-ns", type=float, default=None, metavar="NS",
+                   help="CPU hosts: nanoseconds of compute lost per byte a process sends (kernel TCP, gloo's "
+                        "copies; parallel.auto measures it on its link; default 0)")
     p.add_argument("--overlap", type=float, default=None, help="share of an overlap window that hides "
                                                                "communication, 0 to 1")
     p.add_argument("--top", type=int, default=10, help="rows to show (default 10; 0: all)")
@@ -1183,6 +1194,8 @@ def hardware_from_args(args: "argparse.Namespace", dtype: str) -> tuple[Hardware
     _positive("--intra-latency-us", args.intra_latency_us, zero_ok=True)
     if args.efficiency is not None and not (math.isfinite(args.efficiency) and 0 < args.efficiency <= 1):
         raise ConfigError(f"--efficiency: must be > 0 and <= 1, got {args.efficiency}")
+    if args.comm_cpu_ns is not None and not (math.isfinite(args.comm_cpu_ns) and args.comm_cpu_ns >= 0):
+        raise ConfigError(f"--comm-cpu-ns: must be >= 0, got {args.comm_cpu_ns}")
     if args.overlap is not None and not (math.isfinite(args.overlap) and 0 <= args.overlap <= 1):
         raise ConfigError(f"--overlap: must be between 0 and 1, got {args.overlap}")
     if args.hosts > 1 and args.inter_gbps is None:
@@ -1229,6 +1242,8 @@ def hardware_from_args(args: "argparse.Namespace", dtype: str) -> tuple[Hardware
         k.efficiency = args.efficiency
     if args.overlap is not None:
         k.overlap = args.overlap
+    if args.comm_cpu_ns is not None:
+        k.comm_cpu_s_per_byte = args.comm_cpu_ns * 1e-9
     inter = (args.inter_gbps or 0.0) * 1e9 / 8
     hw = Hardware(args.hosts, P, peak, memory, inter if args.hosts > 1 else intra, intra,
                   args.latency_us * 1e-6, intra_lat, device)

@@ -499,6 +499,38 @@ def measure_link(info: DistInfo, nbytes: int = 4 << 20) -> tuple[float, float]:
     return from_rank0(bw), from_rank0(latency)
 
 
+def measure_comm_cpu(info: DistInfo, bw: float) -> float:
+    """Collective (CPU processes): seconds of compute lost per byte a rank sends. A matmul
+    loop of about 0.4 s runs alone, then again while an all-reduce small enough to finish
+    within it crosses the link; what the loop lost, per byte sent, median of 3, slowest rank."""
+    a = torch.randn(256, 256)
+    t0 = time.perf_counter()
+    a @ a
+    n = max(1, round(0.4 / max(time.perf_counter() - t0, 1e-6)))
+    nbytes = int(min(64 << 20, max(1 << 20, bw * 0.2)))
+    buf = torch.zeros(nbytes // 4)
+    sent = 2 * (info.world - 1) / info.world * nbytes
+
+    def loop() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            a @ a
+        return time.perf_counter() - t
+
+    costs = []
+    for _ in range(3):
+        dist.barrier()
+        alone = loop()
+        dist.barrier()
+        work = dist.all_reduce(buf, async_op=True)
+        both = loop()
+        work.wait()
+        costs.append(max(0.0, both - alone) / sent)
+    box = torch.tensor([sorted(costs)[1]])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return float(box)
+
+
 def measure_efficiency(gcfg: GPTConfig, info: DistInfo, rows: int, seq_len: int, dtype: str, peak: float) -> float:
     """Collective: achieved / peak FLOP/s of a training step of this model's own shapes, from a
     one-block copy (embeddings, one block, head, loss; a few seconds) run by every rank at once,
@@ -559,6 +591,8 @@ def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
     constants = Constants.for_device(info.device.type, info.local_world)
     constants.efficiency = measure_efficiency(gcfg, info, rows, t.seq_len, t.dtype, peak)
     constants.source += f"; efficiency {constants.efficiency:.0%} measured on this model's shapes"
+    if info.world > 1 and info.device.type == "cpu":
+        constants.comm_cpu_s_per_byte = measure_comm_cpu(info, bw)
     choice = None
     if info.is_main:
         if info.device.type == "cuda":
@@ -570,7 +604,8 @@ def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
                         seq_len=t.seq_len, dtype=t.dtype, device=info.device.type, micro_batch_size=t.micro_batch_size,
                         constants=constants)
         print(f"parallel.auto: {info.hosts} host(s) x {info.local_world} process(es), link {bw * 8 / 1e9:.3g} Gbit/s, "
-              f"latency {latency * 1e6:.0f} us, compute at {constants.efficiency:.0%} of {peak / 1e9:.3g} GFLOP/s -> " + " ".join(f"--{k}={v}" for k, v in choice.items()), flush=True)
+              f"latency {latency * 1e6:.0f} us, compute at {constants.efficiency:.0%} of {peak / 1e9:.3g} GFLOP/s, "
+              f"{constants.comm_cpu_s_per_byte * 1e9:.2g} ns of compute lost per byte sent -> " + " ".join(f"--{k}={v}" for k, v in choice.items()), flush=True)
     for key, value in from_rank0(choice).items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
