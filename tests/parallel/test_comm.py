@@ -14,7 +14,6 @@ BASE = [f"--train.steps={STEPS}", "--train.decay_steps=12"]
 SETTINGS = {
     "ddp": [],
     "bf16": ["--parallel.grad_compression=bf16"],
-    "fp16": ["--parallel.grad_compression=fp16"],
     # Rank 4: the debug model's 32-wide matrices are too small to compress at the default 16.
     # Small buckets: several per step, as any real model has (their order must agree across ranks).
     "powersgd": ["--parallel.grad_compression=powersgd", "--parallel.powersgd_rank=4", "--parallel.powersgd_warmup=3",
@@ -26,11 +25,12 @@ SETTINGS = {
 }
 
 # Loss budgets against exact DDP after 12 steps (the loss falls ~0.35 over them):
-# bf16/fp16 round each averaged gradient to 8/11 bits; Adam's normalised step hides most of it
+# bf16 rounds each averaged gradient to 8 bits (fp16 is the same hook with 11 bits and is not
+# run separately); Adam's normalised step hides most of it
 # (measured |diff| <= 1e-5), so 1e-3 is far above the rounding and far below one step's progress.
 # PowerSGD rank 4 after 3 exact steps (measured 4e-4); DiLoCo/streaming let replicas drift for up
 # to 4 steps (measured 0.055, lower than DDP): 0.15 still fails a method that stops learning.
-BUDGET = {"bf16": 1e-3, "fp16": 1e-3, "powersgd": 0.01, "diloco": 0.15, "streaming": 0.15}
+BUDGET = {"bf16": 1e-3, "powersgd": 0.01, "diloco": 0.15, "streaming": 0.15}
 
 
 @pytest.fixture(scope="module")
