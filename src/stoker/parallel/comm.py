@@ -10,6 +10,7 @@ resumed run continues exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 
 import torch
@@ -50,6 +51,18 @@ def _orthonormal(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m.float(), mode="reduced").Q.to(m.dtype)
 
 
+@dataclasses.dataclass
+class _Bucket:
+    """One DDP bucket in PowerSGD's care during a step."""
+    mats: list  # (name, (n, m) gradient view, rank, local copy) of the compressed matrices
+    rest: list  # gradients sent whole
+    ps: list  # the P factors, (n, r) each
+    flat: torch.Tensor | None  # what is in flight: vectors and Ps, then the Qs
+    work: object | None  # its all-reduce
+    buf: torch.Tensor  # DDP's bucket buffer, the future's result
+    fut: torch.futures.Future
+
+
 class PowerSGD:
     """Rank-r gradient compression with error feedback and warm start (Vogels et al. 2019),
     as a DDP communication hook.
@@ -67,7 +80,7 @@ class PowerSGD:
         self.iter = 0  # synchronised steps so far: compression starts at `warmup`
         self.err: dict[str, torch.Tensor] = {}  # what compression left out of this rank's gradient
         self.q: dict[str, torch.Tensor] = {}  # last step's right factors, the next power iteration's start
-        self._held: list = []  # this step's buckets so far: [mats, rest, ps, buffer, work, bucket, future]
+        self._held: list[_Bucket] = []  # this step's buckets so far
 
     def _compressed(self, g: torch.Tensor) -> int:
         """The rank to compress `g` at, or 0 where the factors would not be much smaller."""
@@ -97,7 +110,7 @@ class PowerSGD:
         fut = torch.futures.Future()
         try:
             named = [(self.names[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients())]
-            self._held.append(self._send_p(named) + [buf, fut])
+            self._held.append(self._send_p(named, buf, fut))
             if len(self._held) > 1:
                 self._send_q(self._held[-2])
             if bucket.is_last():
@@ -105,18 +118,18 @@ class PowerSGD:
                 for h in self._held:
                     self._finish(h)
                 for h in self._held:
-                    h[-1].set_result(h[-2])
+                    h.fut.set_result(h.buf)
                 self._held = []
                 self.iter += 1
         except Exception as e:
-            for f in [h[-1] for h in self._held if h[-1] is not fut] + [fut]:
+            for f in [h.fut for h in self._held if h.fut is not fut] + [fut]:
                 f.set_exception(e)
             self._held = []
             raise
         return fut
 
     @torch.no_grad()
-    def _send_p(self, named_grads: list[tuple[str, torch.Tensor]]) -> list:
+    def _send_p(self, named_grads: list[tuple[str, torch.Tensor]], buf: torch.Tensor, fut) -> _Bucket:
         """Start the first all-reduce of a bucket: its vectors and small matrices whole, and
         the P factors (one power iteration from last step's Q) of the others."""
         mats, rest = [], []  # (name, (n, m) view, rank, local copy), plain gradients
@@ -134,15 +147,14 @@ class PowerSGD:
         ps = [m @ q for (_, m, _, _), q in zip(mats, qs)]  # (n, r)
         flat = torch.cat([g.reshape(-1) for g in rest] + [p.reshape(-1) for p in ps])
         flat[:sum(g.numel() for g in rest)].div_(self.group.size())
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        return [mats, rest, ps, flat, work]
+        return _Bucket(mats, rest, ps, flat, dist.all_reduce(flat, group=self.group, async_op=True), buf, fut)
 
     @torch.no_grad()
-    def _send_q(self, held: list) -> None:
+    def _send_q(self, b: _Bucket) -> None:
         """When a bucket's P factors have arrived: orthonormalise them and start the all-reduce
         of its Q factors."""
-        mats, rest, ps, flat, work = held[:5]
-        work.wait()
+        mats, rest, ps, flat = b.mats, b.rest, b.ps, b.flat
+        b.work.wait()
         i = 0
         for g in rest:
             g.copy_(flat[i:i + g.numel()].view_as(g))
@@ -150,17 +162,19 @@ class PowerSGD:
         for (_, m, _, _), p in zip(mats, ps):
             p.copy_(_orthonormal(flat[i:i + p.numel()].view_as(p)))
             i += p.numel()
-        qflat = torch.cat([(m.t() @ p).reshape(-1) for (_, m, _, _), p in zip(mats, ps)]) if mats else None
-        held[3:5] = [qflat, dist.all_reduce(qflat, group=self.group, async_op=True) if mats else None]
+        b.flat, b.work = None, None
+        if mats:
+            b.flat = torch.cat([(m.t() @ p).reshape(-1) for (_, m, _, _), p in zip(mats, ps)])  # the Qs
+            b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
 
     @torch.no_grad()
-    def _finish(self, held: list) -> None:
+    def _finish(self, b: _Bucket) -> None:
         """When a bucket's Q factors have arrived: the rank-r estimate of the mean gradient,
         and what it left out of this rank's gradient for next step."""
-        mats, _, ps, flat, work = held[:5]
-        if work is None:
+        mats, ps, flat = b.mats, b.ps, b.flat
+        if b.work is None:
             return
-        work.wait()
+        b.work.wait()
         flat.div_(self.group.size())
         i = 0
         for (name, m, r, local), p in zip(mats, ps):

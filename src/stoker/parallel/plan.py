@@ -661,6 +661,8 @@ class _Planner:
                     meth = dataclasses.replace(meth, sync_overlap=o)
                     parts["dp"] += max(0.0, t_frag - k.overlap * o * step_compute) * f / h
                     wire = w * f / h
+            if hw.device == "cpu":  # (FSDP, TP and PP on gloo block: their CPU cost is inside their time)
+                parts["dp"] += wire * k.comm_cpu_s_per_byte
         elif dp > 1:
             sh, rep = self.group(sizes, "ds"), self.group(sizes, "dr")
             # One FSDP unit per block and the root unit (embeddings, final norm, head), which
@@ -707,8 +709,6 @@ class _Planner:
             parts["pp"] += t_tied
             wire += w_tied
 
-        if ddp and hw.device == "cpu":  # (FSDP on gloo blocks: its CPU cost is inside its time)
-            parts["dp"] += wire * k.comm_cpu_s_per_byte
         comm = sum(parts.values())
         step = compute_total + bubble + recompute + comm + optimizer
         overrides = self._overrides(pp, dr, ds, tp, meth, micro)

@@ -499,6 +499,15 @@ def measure_link(info: DistInfo, nbytes: int = 4 << 20) -> tuple[float, float]:
     return from_rank0(bw), from_rank0(latency)
 
 
+def _agreed(value: float, op, device) -> float:
+    """`value` reduced over the ranks with `op` (MIN/MAX), or itself in a single process."""
+    if not dist.is_initialized():
+        return value
+    box = torch.tensor([value], device=device)
+    dist.all_reduce(box, op=op)
+    return float(box)
+
+
 def measure_comm_cpu(info: DistInfo, bw: float) -> float:
     """Collective (CPU processes): seconds of compute lost per byte a rank sends. A matmul
     loop of about 0.4 s runs alone, then again while an all-reduce small enough to finish
@@ -526,9 +535,7 @@ def measure_comm_cpu(info: DistInfo, bw: float) -> float:
         both = loop()
         work.wait()
         costs.append(max(0.0, both - alone) / sent)
-    box = torch.tensor([sorted(costs)[1]])
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return float(box)
+    return _agreed(sorted(costs)[1], dist.ReduceOp.MAX, "cpu")
 
 
 def measure_efficiency(gcfg: GPTConfig, info: DistInfo, rows: int, seq_len: int, dtype: str, peak: float) -> float:
@@ -555,11 +562,7 @@ def measure_efficiency(gcfg: GPTConfig, info: DistInfo, rows: int, seq_len: int,
         return time.perf_counter() - t0
 
     step()  # kernels chosen, memory allocated
-    best = min(step() for _ in range(3))
-    if dist.is_initialized():
-        box = torch.tensor([best], device=info.device)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        best = float(box)
+    best = _agreed(min(step() for _ in range(3)), dist.ReduceOp.MAX, info.device)
     return flops_per_token(one, seq_len) * rows * seq_len / (best * peak)
 
 
@@ -582,11 +585,8 @@ def auto_layout(cfg: Config, gcfg: GPTConfig, info: DistInfo) -> None:
         # pinning (processes that share cores slow each other as their steps will); the slowest.
         from stoker.train.metrics import measure_matmul_flops
 
-        peak = measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, seconds=0.5)
-        if dist.is_initialized():
-            box = torch.tensor([peak])
-            dist.all_reduce(box, op=dist.ReduceOp.MIN)
-            peak = float(box)
+        peak = _agreed(measure_matmul_flops(torch.bfloat16 if t.dtype == "bf16" else torch.float32, seconds=0.5),
+                       dist.ReduceOp.MIN, "cpu")
     rows = max(1, min(t.micro_batch_size or t.batch_size // max(1, info.world), 4))
     constants = Constants.for_device(info.device.type, info.local_world)
     constants.efficiency = measure_efficiency(gcfg, info, rows, t.seq_len, t.dtype, peak)
