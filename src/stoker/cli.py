@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 
 from stoker.config import ConfigError, config_help, load_config
@@ -78,44 +77,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except OSError:
-        return []
-
-
 def _launch(nproc: int, argv: list[str], env: dict[str, str] | None = None, **rendezvous) -> int:
-    """Run this same command under torchrun with `nproc` processes on this host (one of
-    several with `rendezvous`: see stoker.launch.torchrun_command); relay one stop request."""
-    from stoker.launch import torchrun_command
+    from stoker.launch import run_local
 
-    cmd = torchrun_command(nproc, argv, **rendezvous)
-    # Its own session: a terminal's Ctrl-C reaches torchrun only through us, once.
-    from stoker.parallel.mesh import end_with_parent
-
-    # Killed with SIGKILL, we cannot relay anything: the kernel tells torchrun instead, which
-    # stops its workers (and they end with it, see init_distributed).
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=end_with_parent, env=env)
-    signals = []
-
-    def relay(signum, frame):
-        signals.append(signum)
-        if len(signals) > 1:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return
-        # Signal the workers themselves: they checkpoint and exit 0, and torchrun then ends
-        # cleanly too. A signal to torchrun would also reach them, but torchrun itself then
-        # reports failure whatever the workers did.
-        workers = _children(proc.pid)
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
-        if not workers:
-            proc.send_signal(signal.SIGTERM)
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, relay)
-    return proc.wait()
+    return run_local(nproc, argv, env, **rendezvous)
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -390,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
+    from stoker.jobs.cli import add_parser as add_jobs_parser
+
+    add_jobs_parser(sub)
+
     ph = sub.add_parser("hosts", help="run `stoker train` across K hosts emulated on this machine (root)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Emulate K hosts on this machine and run `stoker train ARGS` across them, one\n"
@@ -438,13 +407,26 @@ def _main(argv: list[str] | None = None) -> int:
             argv, overrides = _split_overrides(argv)
         except ConfigError as e:
             return _fail(str(e))
+    command: list[str] = []
+    if argv[:1] == ["jobs"]:
+        from stoker.jobs.cli import split_command
+
+        argv, command = split_command(argv)
     args = build_parser().parse_args(argv)
+    args.cmd = command
     if args.command == "train":
         return cmd_train(args, overrides)
     if args.command == "config":
         return cmd_config(args, overrides)
     if args.command == "generate":
         return cmd_generate(args, argv)
+    if args.command == "jobs":
+        from stoker.jobs.cli import cmd_jobs
+
+        try:
+            return cmd_jobs(args)
+        except ConfigError as e:
+            return _fail(str(e))
     if args.command == "plan":
         from stoker.parallel.plan import cmd_plan
 

@@ -4,7 +4,9 @@ a host makes before it joins (the master reachable, the network interface presen
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,3 +106,103 @@ def prepare_host(nnodes: int, node_rank: int, master: str | None, ifname: str = 
         if node_rank > 0:
             wait_for_master(host, port, connect_timeout_s)
     return {**os.environ, **socket_env(ifname)}
+
+
+# Starting and stopping process trees: `stoker train --nproc` (torchrun under this process) and
+# the job engine (a job's command under its shim) both go through these.
+
+def spawn(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None, stdout=None,
+          end_with_parent: bool = False) -> subprocess.Popen:
+    """Start `cmd` in its own session, so that a terminal's Ctrl-C or a signal to our process
+    group reaches it only through us. `end_with_parent`: it gets SIGTERM if we die (a launcher's
+    children); a job's process must outlive a scheduler that crashes, so it does not."""
+    preexec = None
+    if end_with_parent:
+        from stoker.parallel.mesh import end_with_parent as preexec  # noqa: F811
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+                            stdin=subprocess.DEVNULL if stdout else None, start_new_session=True,
+                            preexec_fn=preexec)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before their children."""
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int, keep_root: bool = False) -> None:
+    """SIGKILL every process below `pid` (and `pid` unless keep_root)."""
+    for p in ([] if keep_root else [pid]) + descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (with its pid, it names one process for ever), or None
+    when there is no such live process (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = stat[stat.rindex(")") + 2:].split()
+    return None if rest[0] in ("Z", "X") else rest[19]
+
+
+def run_local(nproc: int, argv: list[str], env: dict[str, str] | None = None, **rendezvous) -> int:
+    """Run `stoker ARGV` under torchrun with `nproc` processes on this host (one of several with
+    `rendezvous`: see torchrun_command), and relay one stop request to the workers."""
+    cmd = torchrun_command(nproc, argv, **rendezvous)
+    # Killed with SIGKILL, we cannot relay anything: the kernel tells torchrun instead, which
+    # stops its workers (and they end with it, see init_distributed).
+    proc = spawn(cmd, env=env, end_with_parent=True)
+    signals = []
+
+    def relay(signum, frame):
+        signals.append(signum)
+        if len(signals) > 1:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        # Signal the workers themselves: they checkpoint and exit 0, and torchrun then ends
+        # cleanly too. A signal to torchrun would also reach them, but torchrun itself then
+        # reports failure whatever the workers did.
+        workers = children(proc.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        if not workers:
+            proc.send_signal(signal.SIGTERM)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, relay)
+    return proc.wait()
+
+
+def job_command(command: list[str], slots: int) -> list[str]:
+    """The argv a job runs: `stoker ...` becomes this Python's `-m stoker ...` (no PATH needed),
+    and `stoker train` gets `--nproc SLOTS` unless it names its own, which must match."""
+    if command[0] != "stoker":
+        return list(command)
+    argv = list(command[1:])
+    if argv[:1] == ["train"]:
+        given = [a for a in argv if a == "--nproc" or a.startswith("--nproc=")]
+        if not given and slots > 1:
+            argv += [f"--nproc={slots}"]
+        elif given:
+            i = argv.index(given[0])
+            value = given[0].split("=", 1)[1] if "=" in given[0] else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value != str(slots):
+                raise ConfigError(f"command: `stoker train --nproc {value}` in a job of {slots} slot(s); "
+                                  f"drop --nproc (the job's slots set it) or make them equal")
+    return [sys.executable, "-m", "stoker", *argv]

@@ -1,0 +1,153 @@
+"""`stoker.jobs.Client`: submit and watch jobs from Python (a notebook, a script, the CLI).
+
+    from stoker.jobs import Client
+    jobs = Client()                       # HOME: $STOKER_JOBS_HOME or ~/.stoker/jobs
+    job = jobs.submit(command=["stoker", "train", "run.toml"], queue="default", priority="low")
+    print(jobs.why(job).text())
+    jobs.wait(job)
+
+Writes go straight to the store; the scheduler daemon is woken (and started, when none runs)
+after each submit or cancel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from stoker.config import ConfigError
+from stoker.jobs import policy
+from stoker.jobs.policy import ACTIVE, CANCELLED, DONE, WAITING, Why
+from stoker.jobs.spec import JobSpec, PoolConfig, load_pool, load_spec
+from stoker.jobs.store import JobInfo, Store
+from stoker.launch import job_command
+
+
+@dataclass
+class QueueStatus:
+    name: str
+    cohort: str
+    nominal_quota: int
+    borrowing_limit: int | None
+    used: int  # slots held by its jobs
+    running: int  # jobs holding slots
+    waiting: int  # jobs in the queue
+    strategy: str
+
+    @property
+    def borrowed(self) -> int:
+        return max(0, self.used - self.nominal_quota)
+
+
+class Client:
+    """The job queue's verbs: submit, list, status, why, logs, cancel, queues, wait."""
+
+    def __init__(self, home: str | Path | None = None, autostart: bool = True):
+        self.store = Store(home)
+        self.home = self.store.home
+        self.autostart = autostart
+
+    def pool(self) -> PoolConfig:
+        return load_pool(self.home / "queues.toml")
+
+    def _nudge(self) -> None:
+        from stoker.jobs.local import nudge
+
+        nudge(self.home, self.autostart)
+
+    def submit(self, spec: JobSpec | str | Path | None = None, **fields) -> int:
+        """Queue a job: a JobSpec, a spec TOML file, or JobSpec's fields as keywords. Its id."""
+        if spec is None:
+            spec = JobSpec.from_dict(fields, "submit")
+        else:
+            spec = spec if isinstance(spec, JobSpec) else load_spec(spec)
+            if fields:  # keywords override the spec's fields
+                spec = JobSpec.from_dict({**spec.to_dict(), **fields}, "submit")
+        spec.workdir = str(Path(spec.workdir or os.getcwd()).resolve())
+        if not Path(spec.workdir).is_dir():
+            raise ConfigError(f"workdir: {spec.workdir} is not a directory")
+        pool = self.pool()
+        pool.check(spec)
+        job_command(spec.command, spec.slots)  # a --nproc that contradicts the slots: refused now
+        job_id = self.store.submit(spec, pool.priorities[spec.priority])
+        self._nudge()
+        return job_id
+
+    def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobInfo]:
+        return self.store.list(states, limit)
+
+    def status(self, job_id: int) -> JobInfo:
+        return self.store.get(job_id)
+
+    def why(self, job_id: int) -> Why:
+        self.store.get(job_id, history=False)  # an unknown id: ConfigError
+        return policy.explain(self.pool(), self.store.scheduling_view() + self._done(job_id), job_id, time.time())
+
+    def _done(self, job_id: int) -> list[policy.Job]:
+        info = self.store.get(job_id, history=False)
+        return [info] if info.state in DONE else []
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel a job: at once when it waits; a running one gets SIGTERM (it may checkpoint),
+        then SIGKILL after the grace period. The state it is in afterwards."""
+        info = self.store.get(job_id, history=False)
+        if info.state in DONE:
+            raise ConfigError(f"job {job_id} already {info.state}")
+        if self.store.update(job_id, WAITING, "cancelled while waiting", state=CANCELLED, reason="cancelled",
+                             finished=time.time()):
+            return CANCELLED
+        if self.store.update(job_id, ACTIVE, "cancel requested", cancel_requested=1):
+            self._nudge()
+            return self.store.get(job_id, history=False).state
+        return self.cancel(job_id)  # it moved between our read and write: look again
+
+    def queues(self) -> list[QueueStatus]:
+        pool, usage = self.pool(), self.store.usage()
+        return [QueueStatus(q.name, q.cohort, q.nominal_quota, q.borrowing_limit, *usage.get(q.name, (0, 0, 0)),
+                            q.strategy) for q in pool.queues.values()]
+
+    def log_path(self, job_id: int) -> Path:
+        self.store.get(job_id, history=False)
+        return self.store.job_dir(job_id) / "output.log"
+
+    def logs(self, job_id: int, follow: bool = False, poll_s: float = 0.5) -> Iterator[str]:
+        """The job's output (every attempt, each after a `--- job N attempt K` line); with
+        `follow`, go on yielding new output until the job is done."""
+        path = self.log_path(job_id)
+        pos = 0
+        while True:
+            if path.exists():
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos += len(chunk)
+                if chunk:
+                    yield chunk.decode(errors="replace")
+            if not follow:
+                return
+            if self.store.get(job_id, history=False).state in DONE and (not path.exists() or path.stat().st_size == pos):
+                return
+            time.sleep(poll_s)
+
+    def wait(self, job_id: int, timeout: float | None = None, states: tuple[str, ...] = DONE,
+             poll_s: float = 0.2) -> JobInfo:
+        """Block until the job is in one of `states` (default: finished); TimeoutError after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.store.get(job_id)
+            if info.state in states:
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {info.state} after {timeout:g} s")
+            time.sleep(poll_s)
+
+    def daemon_pid(self) -> int | None:
+        from stoker.jobs.local import DaemonLock
+
+        return DaemonLock(self.home).holder()
+
+    def close(self) -> None:
+        self.store.close()
