@@ -241,6 +241,7 @@ class Engine:
             return 0
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
         signal.set_wakeup_fd(wfd)
 
         def on_stop(signum, frame):
