@@ -34,6 +34,11 @@ class Daemon:
     def cleanup(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.kill9()
+        from stoker.jobs.local import DaemonLock
+
+        pid = DaemonLock(self.home).holder()  # one the CLI started on demand
+        if pid and pid > 0:
+            os.kill(pid, signal.SIGKILL)
         # Every job process of this home (their shims name it on their command line).
         marker = str(self.home).encode()
         for p in Path("/proc").iterdir():

@@ -79,6 +79,8 @@ class Engine:
         self._pool: PoolConfig | None = None
         self._pool_mtime: float | None = None
         self.stop = False
+        self.view: dict[int, Job] = {}  # jobs waiting or holding slots, kept up to date from the store
+        self.seq = 0
 
     # The pool: queues.toml, read again when it changes; a broken edit keeps the last good one.
     def pool(self) -> PoolConfig:
@@ -98,7 +100,7 @@ class Engine:
     def cycle(self, now: float | None = None) -> policy.Decision:
         now = time.time() if now is None else now
         pool = self.pool()
-        jobs = self.store.scheduling_view()
+        jobs = self._refresh()
         live = []
         for j in jobs:
             if j.state in ACTIVE and not self._alive(j):
@@ -123,6 +125,17 @@ class Engine:
         for job_id in decision.admit:
             self._start(by_id[job_id], pool, now)
         return decision
+
+    def _refresh(self) -> list[Job]:
+        """The scheduling view, reading only the jobs changed since the last pass (a pass at
+        10,000 waiting jobs would otherwise spend most of its time reading them all again)."""
+        changed, self.seq = self.store.changes(self.seq)
+        for j in changed:
+            if j.state in WAITING + ACTIVE:
+                self.view[j.id] = j
+            else:
+                self.view.pop(j.id, None)
+        return list(self.view.values())
 
     def _pid(self, j: Job) -> int | None:
         row = self.store.db.execute("SELECT pid, pid_start FROM jobs WHERE id = ?", (j.id,)).fetchone()
@@ -206,7 +219,7 @@ class Engine:
         info = self.store.get(j.id, history=False)
         attempt = info.attempt + 1
         eff = policy.effective_priority(j, pool, now)
-        if not self.store.update(j.id, WAITING, f"admitted (attempt {attempt})", now=now, state=ADMITTED,
+        if not self.store.update(j.id, WAITING, f"admitted (attempt {attempt})", state=ADMITTED,
                                  attempt=attempt, admit_priority=eff, started=now, exit_code=None):
             return  # cancelled meanwhile
         spec = info.spec
@@ -262,6 +275,11 @@ class Engine:
                 self.cycle()
             except ConfigError as e:
                 log(f"cannot schedule: {e}")
+            except Exception:  # a bug must not stop the queue: the jobs run on, the next pass retries
+                import traceback
+
+                log("a scheduling pass failed:\n" + traceback.format_exc())
+                time.sleep(1.0)
             if exit_when_idle_s is not None:
                 busy = self.store.db.execute("SELECT count(*) FROM jobs WHERE state IN (?,?,?,?)",
                                              WAITING + ACTIVE).fetchone()[0]

@@ -29,9 +29,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     restarts INTEGER NOT NULL DEFAULT 0, preemptions INTEGER NOT NULL DEFAULT 0, exit_code INTEGER,
     stopping TEXT NOT NULL DEFAULT '', stop_deadline REAL NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
     pid INTEGER, pid_start TEXT, attempt INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
-    finished REAL, updated REAL NOT NULL
+    finished REAL, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
 CREATE TABLE IF NOT EXISTS events (
     job_id INTEGER NOT NULL, time REAL NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL
 );
@@ -113,9 +114,9 @@ class Store:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO jobs (name, spec, queue, priority_class, priority, slots, preemptible, max_runtime, "
-                "retries, state, submitted, queued_at, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "retries, state, submitted, queued_at, updated, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (spec.name, json.dumps(spec.to_dict()), spec.queue, spec.priority, priority, spec.slots,
-                 int(spec.preemptible), spec.max_runtime, spec.retries, PENDING, now, now, now))
+                 int(spec.preemptible), spec.max_runtime, spec.retries, PENDING, now, now, now, _next_seq(db)))
             job_id = cur.lastrowid
             db.execute("INSERT INTO events VALUES (?,?,?,?)", (job_id, now, PENDING, "submitted"))
         return job_id
@@ -126,9 +127,10 @@ class Store:
         (with the new state). False when the job was in another state (someone else moved it)."""
         now = time.time() if now is None else now
         values["updated"] = now
-        cols = ", ".join(f"{k} = ?" for k in values)
         marks = ",".join("?" * len(expect))
         with self._tx() as db:
+            values["seq"] = _next_seq(db)
+            cols = ", ".join(f"{k} = ?" for k in values)
             cur = db.execute(f"UPDATE jobs SET {cols} WHERE id = ? AND state IN ({marks})",
                              (*values.values(), job_id, *expect))
             if cur.rowcount != 1:
@@ -141,8 +143,17 @@ class Store:
     def scheduling_view(self) -> list[Job]:
         """Every job that waits or holds slots, as the scheduler sees it."""
         states = WAITING + ACTIVE
-        rows = self.db.execute(f"SELECT {', '.join(_SCHED)} FROM jobs WHERE state IN "
-                               f"({','.join('?' * len(states))})", states).fetchall()
+        return self._jobs(self.db.execute(f"SELECT {', '.join(_SCHED)} FROM jobs WHERE state IN "
+                                          f"({','.join('?' * len(states))})", states).fetchall())
+
+    def changes(self, since: int) -> tuple[list[Job], int]:
+        """The jobs written after change number `since` (any state), and the last change number.
+        Writers are serialised and number their changes in commit order, so nothing is missed."""
+        rows = self.db.execute(f"SELECT {', '.join(_SCHED)}, seq FROM jobs WHERE seq > ?", (since,)).fetchall()
+        return self._jobs([r[:-1] for r in rows]), max((r[-1] for r in rows), default=since)
+
+    @staticmethod
+    def _jobs(rows: list[tuple]) -> list[Job]:
         out = [Job(*r) for r in rows]
         for j in out:
             j.preemptible, j.cancel_requested = bool(j.preemptible), bool(j.cancel_requested)
@@ -153,6 +164,7 @@ class Store:
         d["spec"] = JobSpec.from_dict(json.loads(d["spec"]))
         d["preemptible"] = bool(d["preemptible"])
         d["cancel_requested"] = bool(d["cancel_requested"])
+        d.pop("seq")
         return JobInfo(**d)
 
     def get(self, job_id: int, history: bool = True) -> JobInfo:
@@ -190,6 +202,10 @@ class Store:
             else:
                 u[2] += n
         return {k: tuple(v) for k, v in out.items()}  # type: ignore[misc]
+
+
+def _next_seq(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT coalesce(max(seq), 0) + 1 FROM jobs").fetchone()[0]
 
 
 class _Tx:
