@@ -31,7 +31,8 @@ def test_preempted_train_job_checkpoints_resumes_and_matches_an_uninterrupted_ru
     _wait_steps(tmp_path / "low", 10)
     high = c.submit(command=[sys.executable, "-c", "import time; time.sleep(0.5)"], priority="high")
     w = c.why(high)
-    assert w.position == 1 and any(f"preempting job {low} (low)" in r or f"job {low} (preempt" in r for r in w.reasons)
+    assert w.position == 1 and any(f"preempting job {low} (low)" in r or f"job {low} to stop (preempted" in r
+                                   for r in w.reasons)
     h = c.wait(high, timeout=120)
     assert h.state == "succeeded"
     s = c.wait(low, timeout=300)

@@ -220,7 +220,7 @@ class Engine:
         attempt = info.attempt + 1
         eff = policy.effective_priority(j, pool, now)
         if not self.store.update(j.id, WAITING, f"admitted (attempt {attempt})", state=ADMITTED,
-                                 attempt=attempt, admit_priority=eff, started=now, exit_code=None):
+                                 attempt=attempt, admit_priority=eff, started=now, exit_code=None, reason=""):
             return  # cancelled meanwhile
         spec = info.spec
         d = self.store.job_dir(j.id)

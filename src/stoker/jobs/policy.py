@@ -283,8 +283,10 @@ def explain(pool: PoolConfig, jobs: list[Job], job_id: int, now: float) -> Why:
                        + ", ".join(f"{j.id} ({j.priority_class})" for j in higher[:5]) + (" ..." if len(higher) > 5 else ""))
     stopping = [j for j in active if j.stopping]
     if stopping:
-        reasons.append("waiting for " + ", ".join(f"job {j.id} ({j.stopping}, SIGKILL at {_clock(j.stop_deadline)})"
-                                                  for j in stopping) + " to stop")
+        doing = {"preempt": "preempted", "cancel": "cancelled", "timeout": "past its max_runtime"}
+        reasons.append("waiting for " + ", ".join(f"job {j.id} to stop ({doing.get(j.stopping, j.stopping)}: SIGTERM "
+                                                  f"sent, SIGKILL at {_clock(j.stop_deadline)} at the latest)"
+                                                  for j in stopping))
     if job.backoff_until <= now and not usage.fits(job):
         victims = find_victims(pool, job, active, now)
         if victims:
