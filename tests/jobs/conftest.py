@@ -17,12 +17,14 @@ class Daemon:
         self.home = home
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Daemon":
+    def start(self, env: dict | None = None) -> "Daemon":
         log = open(self.home / "daemon.log", "ab")
+        before = (self.home / "daemon.log").stat().st_size
         self.proc = subprocess.Popen([sys.executable, "-m", "stoker", "jobs", "--home", str(self.home), "daemon",
-                                      "--poll", "0.1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                      "--poll", "0.1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
         deadline = time.time() + 30
-        while b"scheduler started" not in (self.home / "daemon.log").read_bytes():
+        while b"scheduler started" not in (self.home / "daemon.log").read_bytes()[before:]:
             assert self.proc.poll() is None and time.time() < deadline, (self.home / "daemon.log").read_text()
             time.sleep(0.05)
         return self

@@ -1,6 +1,8 @@
 """The local engine with real processes: restarts of the scheduler, concurrent clients,
 stopping (cancel, max_runtime, grace), retries with backoff."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,3 +105,33 @@ def test_failures_are_retried_with_exponential_backoff(jobs_home, daemon):
     failing = c.submit(command=["false"], retries=0)
     f = c.wait(failing, timeout=30)
     assert f.state == "failed" and f.exit_code == 1 and "no retries left" in f.reason
+
+
+def test_a_job_whose_process_dies_is_noticed_and_retried(jobs_home, daemon):
+    (jobs_home / "queues.toml").write_text("slots = 1\n[scheduler]\nretry_pause = '0.2s'\n")
+    c = Client(jobs_home, autostart=False)
+    j = c.submit(command=["sleep", "30"], retries=1)
+    daemon.start()
+    first = c.wait(j, timeout=30, states=("running",))
+    os.kill(first.pid, signal.SIGKILL)  # the shim itself, as an OOM killer would: no exit code written
+    wait_until(lambda: c.status(j).attempt == 2, what="the retry")
+    s = c.status(j)
+    assert s.restarts == 1 and any("its process vanished; retry 1 of 1" in e.detail for e in s.history)
+    c.cancel(j)
+    assert c.wait(j, timeout=30).state == "cancelled"
+
+
+def test_on_a_gpu_host_each_job_sees_only_its_own_gpus(jobs_home, daemon):
+    (jobs_home / "queues.toml").write_text("[scheduler]\ngrace = '0.5s'\n")  # slots: the host's GPUs
+    out = jobs_home / "seen"
+    code = "import os, sys, time; open(sys.argv[1], 'a').write(os.environ['CUDA_VISIBLE_DEVICES'] + '\\n'); time.sleep(1)"
+    c = Client(jobs_home, autostart=False)
+    # The daemon sees 2 GPUs, numbered 4 and 5 on the machine: two 1-slot jobs run side by side.
+    a = c.submit(command=[sys.executable, "-c", code, str(out)])
+    b = c.submit(command=[sys.executable, "-c", code, str(out)])
+    daemon.start(env=dict(os.environ, CUDA_VISIBLE_DEVICES="4,5"))
+    assert c.wait(a, timeout=30).state == "succeeded" and c.wait(b, timeout=30).state == "succeeded"
+    assert sorted(out.read_text().split()) == ["4", "5"]
+    both = c.submit(command=[sys.executable, "-c", code, str(out)], slots=2)
+    assert c.wait(both, timeout=30).state == "succeeded"
+    assert out.read_text().split()[-1] == "4,5"

@@ -185,7 +185,7 @@ class Engine:
         if j.state == ADMITTED and code is None and not j.stopping:
             # The scheduler stopped between admitting and starting it: nothing ran, nothing failed.
             self.store.update(j.id, (ADMITTED,), "start interrupted by a scheduler restart: back in the queue",
-                              now=now, state=policy.PENDING, queued_at=now, reason="start interrupted")
+                              now=now, state=policy.PENDING, queued_at=now, reason="start interrupted", slot_ids="")
             return
         out = policy.after_exit(j, code, pool, now, info.preemptions)
         ran = policy.runtime(j, now) if j.state == RUNNING else j.runtime_used
@@ -196,7 +196,7 @@ class Engine:
             fields["queued_at"] = now
         else:
             fields["finished"] = now
-        self.store.update(j.id, ACTIVE, out.reason, now=now, **fields)
+        self.store.update(j.id, ACTIVE, out.reason, now=now, slot_ids="", **fields)
         log(f"job {j.id}: {out.state} ({out.reason})")
 
     def _ask_stop(self, j: Job, why: str, pool: PoolConfig, now: float, detail: str | None = None) -> None:
@@ -219,8 +219,11 @@ class Engine:
         info = self.store.get(j.id, history=False)
         attempt = info.attempt + 1
         eff = policy.effective_priority(j, pool, now)
+        held = self.store.held_slots()
+        slots = [i for i in range(max(pool.slots, len(held) + j.slots)) if i not in held][:j.slots]
         if not self.store.update(j.id, WAITING, f"admitted (attempt {attempt})", state=ADMITTED,
-                                 attempt=attempt, admit_priority=eff, started=now, exit_code=None, reason=""):
+                                 attempt=attempt, admit_priority=eff, started=now, exit_code=None, reason="",
+                                 slot_ids=",".join(map(str, slots))):
             return  # cancelled meanwhile
         spec = info.spec
         d = self.store.job_dir(j.id)
@@ -228,6 +231,10 @@ class Engine:
         exit_file = self._exit_file(j.id, attempt)
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(spec.cpus))), **spec.env,
                "STOKER_JOB_ID": str(j.id), "STOKER_JOB_ATTEMPT": str(attempt), "STOKER_JOB_SLOTS": str(spec.slots)}
+        if pool.gpus:  # a slot is a GPU: the job sees its own
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(pool.gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[i] for i in slots if i < len(ids))
         try:
             cmd = job_command(spec.command, spec.slots)
             shim = [sys.executable, "-m", "stoker.jobs.shim", "--job", str(j.id), "--attempt", str(attempt),
@@ -238,7 +245,7 @@ class Engine:
             reason = f"cannot start: {getattr(e, 'strerror', None) or e}"
             if isinstance(e, OSError) and spec.workdir and not Path(spec.workdir).is_dir():
                 reason = f"cannot start: workdir {spec.workdir} is not a directory"
-            self.store.update(j.id, (ADMITTED,), reason, state=policy.FAILED, reason=reason, finished=now)
+            self.store.update(j.id, (ADMITTED,), reason, state=policy.FAILED, reason=reason, finished=now, slot_ids="")
             log(f"job {j.id}: {reason}")
             return
         self.procs[j.id] = proc

@@ -192,6 +192,9 @@ class PoolConfig:
         if spec.slots > most:
             raise ConfigError(f"slots: the job asks for {spec.slots} but queue {spec.queue!r} can never hold more "
                               f"than {most} (its quota and what its cohort can lend, of {self.slots} in the pool)")
+        if spec.gpus > 1:
+            raise ConfigError(f"gpus: the local engine gives each slot one GPU (a slot is a GPU here); got "
+                              f"{spec.gpus} per slot: ask for more slots instead")
         if spec.gpus and spec.gpus * spec.slots > self.gpus:
             raise ConfigError(f"gpus: the job asks for {spec.gpus * spec.slots} GPUs ({spec.gpus} per slot); "
                               f"this host has {self.gpus}")

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     restarts INTEGER NOT NULL DEFAULT 0, preemptions INTEGER NOT NULL DEFAULT 0, exit_code INTEGER,
     stopping TEXT NOT NULL DEFAULT '', stop_deadline REAL NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
     pid INTEGER, pid_start TEXT, attempt INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
-    finished REAL, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0
+    finished REAL, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, slot_ids TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
 """
+
+# Columns added after the first version of the table (an older store gets them on opening).
+ADDED_COLUMNS = [("seq", "INTEGER NOT NULL DEFAULT 0"), ("slot_ids", "TEXT NOT NULL DEFAULT ''")]
 
 _SCHED = [f.name for f in fields(Job)]
 
@@ -99,6 +102,10 @@ class Store:
         # lose the last transactions, and never damages the database.
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for col, decl in ADDED_COLUMNS:  # a store made by an earlier version gains them, empty
+            if col not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -165,6 +172,7 @@ class Store:
         d["preemptible"] = bool(d["preemptible"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         d.pop("seq")
+        d.pop("slot_ids")
         return JobInfo(**d)
 
     def get(self, job_id: int, history: bool = True) -> JobInfo:
@@ -188,6 +196,11 @@ class Store:
         cur = self.db.execute(q, args)
         cols = [c[0] for c in cur.description]
         return [self._info(r, cols) for r in cur.fetchall()][::-1]
+
+    def held_slots(self) -> set[int]:
+        """The slot numbers (GPU indices on a GPU host) held by admitted and running jobs."""
+        rows = self.db.execute("SELECT slot_ids FROM jobs WHERE state IN (?,?)", ACTIVE).fetchall()
+        return {int(x) for (ids,) in rows for x in ids.split(",") if x}
 
     def usage(self) -> dict[str, tuple[int, int, int]]:
         """queue -> (slots held, jobs holding slots, jobs waiting)."""
