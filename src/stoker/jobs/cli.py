@@ -136,13 +136,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             _print_json([j.to_dict() for j in jobs])
             return 0
         t = Table(title=f"jobs ({client.home})")
-        for col in ("id", "name", "state", "queue", "priority", "slots", "restarts", "preempted", "exit", "submitted"):
-            t.add_column(col, justify="right" if col in ("id", "slots", "restarts", "preempted", "exit") else "left")
-        t.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=48)
+        for col in ("id", "name", "state", "queue", "priority", "slots", "restarts", "preempted", "exit"):
+            t.add_column(col, no_wrap=True, justify="right" if col in ("id", "slots", "restarts", "preempted", "exit")
+                         else "left")
+        t.add_column("reason", min_width=30)  # the one column that wraps
         for j in jobs:
             t.add_row(str(j.id), j.name, j.state + (f" ({j.stopping})" if j.stopping else ""), j.queue,
                       j.priority_class, str(j.slots), str(j.restarts), str(j.preemptions),
-                      "-" if j.exit_code is None else str(j.exit_code), _when(j.submitted), j.reason)
+                      "-" if j.exit_code is None else str(j.exit_code), j.reason)
         con.print(t)
         return 0
     if args.verb == "status":

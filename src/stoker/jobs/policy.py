@@ -196,7 +196,7 @@ def after_exit(job: Job, exit_code: int | None, pool: PoolConfig, now: float, pr
     if job.stopping == "cancel":
         return Outcome(CANCELLED, "cancelled", restarts=job.restarts, preemptions=preemptions)
     if job.stopping == "preempt":
-        return Outcome(PREEMPTED, "preempted; back in the queue, it resumes from its checkpoint",
+        return Outcome(PREEMPTED, "preempted; waits to resume from its checkpoint",
                        restarts=job.restarts, preemptions=preemptions + 1)
     if job.stopping == "timeout":
         return Outcome(FAILED, f"stopped at max_runtime ({job.max_runtime:g} s)", restarts=job.restarts,
@@ -250,8 +250,9 @@ def explain(pool: PoolConfig, jobs: list[Job], job_id: int, now: float) -> Why:
     job = by_id[job_id]
     if job.state not in WAITING:
         reason = {ADMITTED: "admitted: its processes are starting",
-                  RUNNING: "running" + (f" (asked to stop: {job.stopping}, SIGKILL at {_clock(job.stop_deadline)})"
-                                        if job.stopping else "")}.get(job.state, f"{job.state}: not in the queue")
+                  RUNNING: f"running since {_clock(job.started)}" + (
+                      f" (asked to stop: {job.stopping}, SIGKILL at {_clock(job.stop_deadline)})" if job.stopping
+                      else "")}.get(job.state, f"{job.state}: not in the queue")
         return Why(job.id, job.state, None, [], [reason])
     if job.queue not in pool.queues:
         return Why(job.id, job.state, None, [], [f"queue {job.queue!r} is no longer in queues.toml: it cannot start "
