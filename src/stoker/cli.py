@@ -413,7 +413,7 @@ def _main(argv: list[str] | None = None) -> int:
 
         argv, command = split_command(argv)
     args = build_parser().parse_args(argv)
-    args.cmd = command
+    args.job_command = command  # `jobs submit ... -- COMMAND`
     if args.command == "train":
         return cmd_train(args, overrides)
     if args.command == "config":

@@ -119,7 +119,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             if bad:
                 raise ConfigError(f"--env: expected NAME=VALUE, got {bad[0]!r}")
             fields["env"] = dict(e.split("=", 1) for e in args.env)
-        command = args.cmd
+        command = args.job_command
         if command and args.spec:
             raise ConfigError("give a SPEC.toml or a command after --, not both")
         if args.spec:
