@@ -76,6 +76,26 @@ def add_parser(sub) -> None:
     c.add_argument("id", type=int, nargs="+")
     q = verbs.add_parser("queues", help="queues: quota, use, borrowing, waiting jobs")
     q.add_argument("--json", action="store_true")
+    k = verbs.add_parser("kueue", help="queues.toml as Kueue objects (YAML for kubectl apply)",
+                         description="Render the pool's queues as Kueue v1beta2 objects: a ResourceFlavor, a ClusterQueue "
+                                     "and a LocalQueue per queue (quota, cohort, borrowing limit, preemption policy, "
+                                     "queueing strategy) and a WorkloadPriorityClass per priority class. Quotas count "
+                                     "[kubernetes] slot_resource (default nvidia.com/gpu).")
+    k.add_argument("--out", help="write to this file (default: standard output)")
+    m = verbs.add_parser("manifest", help="a job as Kubernetes objects: an Indexed Job and its headless Service",
+                         usage="stoker jobs manifest [options] (SPEC.toml | -- COMMAND [ARG ...])",
+                         description="Render a job (a SPEC.toml or the command after --, with submit's options) as "
+                                     "the Indexed Job, one pod per host, and the headless Service for its rendezvous, "
+                                     "labelled for Kueue, for `kubectl apply -f`. Needs [kubernetes] image in "
+                                     "queues.toml.")
+    m.add_argument("spec", nargs="?", default=None, metavar="SPEC.toml")
+    for opt in ("--name", "--queue", "--priority", "--max-runtime", "--grace", "--memory"):
+        m.add_argument(opt, dest=opt[2:].replace("-", "_"))
+    for opt in ("--slots", "--hosts", "--gpus", "--retries"):
+        m.add_argument(opt, type=int, dest=opt[2:])
+    m.add_argument("--cpus", type=float)
+    m.add_argument("--id", type=int, default=0, help="the number in the objects' names (default 0)")
+    m.add_argument("--out", help="write to this file (default: standard output)")
     d = verbs.add_parser("daemon", help="run the scheduler in the foreground (the CLI starts one when needed)")
     d.add_argument("--poll", type=float, default=0.5, help="seconds between passes when nothing wakes it (default 0.5)")
     d.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
@@ -88,6 +108,44 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
         return argv, []
     i = argv.index("--")
     return argv[:i], argv[i + 1:]
+
+
+def _render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stoker.jobs.backends import kubernetes as k8s
+    from stoker.jobs.spec import JobSpec, load_pool, load_spec
+    from stoker.jobs.store import default_home
+
+    home = Path(args.home) if args.home else default_home()
+    pool = load_pool(home / "queues.toml")
+    cfg = k8s.KubeConfig.from_dict(pool.kubernetes)
+    if args.verb == "kueue":
+        objects = k8s.kueue_objects(pool, cfg)
+    else:
+        fields = {k: getattr(args, k) for k in ("name", "queue", "priority", "slots", "hosts", "cpus", "memory",
+                                                 "gpus", "max_runtime", "retries", "grace") if getattr(args, k) is not None}
+        if args.spec and args.job_command:
+            raise ConfigError("give a SPEC.toml or a command after --, not both")
+        if args.spec:
+            spec = load_spec(args.spec)
+            spec = JobSpec.from_dict({**spec.to_dict(), **fields}, args.spec) if fields else spec
+        elif args.job_command:
+            spec = JobSpec.from_dict({"command": args.job_command, **fields}, "manifest")
+        else:
+            raise ConfigError("give a SPEC.toml, or the command after --: stoker jobs manifest -- stoker train ...")
+        if spec.queue not in pool.queues:
+            raise ConfigError(f"queue: no queue {spec.queue!r}; queues are: {', '.join(pool.queues)}")
+        if spec.priority not in pool.priorities:
+            raise ConfigError(f"priority: no class {spec.priority!r}; classes are: {', '.join(pool.priorities)}")
+        objects = k8s.job_objects(spec, args.id, cfg)
+    text = k8s.to_yaml(objects)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {len(objects)} objects to {args.out}")
+    else:
+        print(text, end="")
+    return 0
 
 
 def _when(t: float | None) -> str:
@@ -108,6 +166,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         from stoker.jobs.local import Engine
 
         return Engine(args.home, poll_s=args.poll).run(args.exit_when_idle)
+    if args.verb in ("kueue", "manifest"):
+        return _render(args)
     client = Client(args.home)
     con = Console()
     if args.verb == "submit":

@@ -167,6 +167,7 @@ class PoolConfig:
     gpus: int = 0  # GPUs on this host (slots are GPUs when there are any)
     cores: int = 1
     memory: int = 0  # bytes on this host (0: unknown)
+    kubernetes: dict[str, Any] = field(default_factory=dict)  # [kubernetes]: see backends/kubernetes.py
 
     def cohort_members(self, q: QueueConfig) -> list[QueueConfig]:
         return [o for o in self.queues.values() if q.cohort and o.cohort == q.cohort] or [q]
@@ -237,7 +238,7 @@ def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
 def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
     """A PoolConfig from queues.toml's content (an empty dict: one queue `default` of every slot)."""
     gpus, cores, memory = host_resources()
-    top = {"slots", "scheduler", "priorities", "queues"}
+    top = {"slots", "scheduler", "priorities", "queues", "kubernetes"}
     unknown = sorted(set(d) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys are: {', '.join(sorted(top))}")
@@ -246,6 +247,11 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
         raise ConfigError(f"{where}: slots: expected an integer >= 1, got {slots!r}")
     pool = PoolConfig(slots=slots, queues={}, gpus=gpus, cores=max(cores, slots) if not gpus else cores,
                       memory=memory)
+    if "kubernetes" in d:
+        from stoker.jobs.backends.kubernetes import KubeConfig
+
+        KubeConfig.from_dict(d["kubernetes"], f"{where}: kubernetes")  # its mistakes show up now
+        pool.kubernetes = dict(d["kubernetes"])
     sched = dict(d.get("scheduler", {}))
     for key in ("grace", "retry_pause"):
         if key in sched:
