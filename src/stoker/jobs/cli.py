@@ -55,6 +55,8 @@ def add_parser(sub) -> None:
                    help="never preempt this job")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable")
     s.add_argument("--workdir", help="directory to run in (default: here)")
+    s.add_argument("--backend", choices=("local", "slurm"), default=None,
+                   help="where it runs (default: the queue's backend in queues.toml, else local)")
     s.add_argument("--json", action="store_true", help="print {\"id\": N}")
 
     ls = verbs.add_parser("list", help="jobs and their states")
@@ -72,6 +74,8 @@ def add_parser(sub) -> None:
     lg = verbs.add_parser("logs", help="a job's output (every attempt)")
     lg.add_argument("id", type=int)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    rs = verbs.add_parser("resubmit", help="send a job whose cluster could not be reached again")
+    rs.add_argument("id", type=int)
     c = verbs.add_parser("cancel", help="cancel a job (a running one gets SIGTERM, then SIGKILL after the grace)")
     c.add_argument("id", type=int, nargs="+")
     q = verbs.add_parser("queues", help="queues: quota, use, borrowing, waiting jobs")
@@ -183,9 +187,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if command and args.spec:
             raise ConfigError("give a SPEC.toml or a command after --, not both")
         if args.spec:
-            job_id = client.submit(args.spec, **fields)
+            job_id = client.submit(args.spec, backend=args.backend, **fields)
         elif command:
-            job_id = client.submit(command=command, **fields)
+            job_id = client.submit(command=command, backend=args.backend, **fields)
         else:
             raise ConfigError("give a SPEC.toml, or the command after --: stoker jobs submit -- stoker train ...")
         _print_json({"id": job_id}) if args.json else print(job_id)
@@ -241,6 +245,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         for chunk in client.logs(args.id, follow=args.follow):
             sys.stdout.write(chunk)
             sys.stdout.flush()
+        return 0
+    if args.verb == "resubmit":
+        print(client.resubmit(args.id))
         return 0
     if args.verb == "cancel":
         for i in args.id:

@@ -21,7 +21,7 @@ from typing import Iterator
 from stoker.config import ConfigError
 from stoker.jobs import policy
 from stoker.jobs.policy import ACTIVE, CANCELLED, DONE, WAITING, Why
-from stoker.jobs.spec import JobSpec, PoolConfig, load_pool, load_spec
+from stoker.jobs.spec import BACKENDS, JobSpec, PoolConfig, load_pool, load_spec
 from stoker.jobs.store import JobInfo, Store
 from stoker.launch import job_command
 
@@ -58,8 +58,9 @@ class Client:
 
         nudge(self.home, self.autostart)
 
-    def submit(self, spec: JobSpec | str | Path | None = None, **fields) -> int:
-        """Queue a job: a JobSpec, a spec TOML file, or JobSpec's fields as keywords. Its id."""
+    def submit(self, spec: JobSpec | str | Path | None = None, backend: str | None = None, **fields) -> int:
+        """Queue a job: a JobSpec, a spec TOML file, or JobSpec's fields as keywords. Its id.
+        `backend` (default: the queue's, else local): local, or slurm."""
         if spec is None:
             spec = JobSpec.from_dict(fields, "submit")
         else:
@@ -70,20 +71,75 @@ class Client:
         if not Path(spec.workdir).is_dir():
             raise ConfigError(f"workdir: {spec.workdir} is not a directory")
         pool = self.pool()
-        pool.check(spec)
+        if spec.queue in pool.queues and backend is None:
+            backend = pool.queues[spec.queue].backend
+        backend = backend or "local"
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        pool.check(spec, backend)
+        if backend != "local":
+            return self._submit_remote(spec, pool, backend)
         job_command(spec.command, spec.slots)  # a --nproc that contradicts the slots: refused now
         job_id = self.store.submit(spec, pool.priorities[spec.priority])
         self._nudge()
         return job_id
 
+    def _submit_remote(self, spec: JobSpec, pool: PoolConfig, backend: str) -> int:
+        """Record the job here first, then hand it to the cluster: if the cluster cannot be
+        reached, the record stays, failed with the reason, for `resubmit`."""
+        job_id = self.store.submit(spec, pool.priorities[spec.priority], backend=backend)
+        self._send(job_id, spec, pool)
+        return job_id
+
+    def _send(self, job_id: int, spec: JobSpec, pool: PoolConfig) -> None:
+        from stoker.jobs.backends import slurm
+
+        try:
+            remote = slurm.submit(spec, job_id, slurm.SlurmConfig.from_dict(pool.slurm), self.store.job_dir(job_id),
+                                  spec.grace if spec.grace is not None else pool.grace)
+        except ConfigError as e:
+            self.store.update(job_id, WAITING, f"not submitted: {e}", state=policy.FAILED, reason=f"not submitted: {e}",
+                              finished=time.time())
+            raise ConfigError(f"{e} (recorded as job {job_id}; `stoker jobs resubmit {job_id}` tries again)") from None
+        self.store.update(job_id, WAITING, f"submitted to Slurm as job {remote}", remote_id=remote)
+
+    def resubmit(self, job_id: int) -> int:
+        """Send a job that never reached its cluster (its backend was unreachable) again."""
+        info = self.store.get(job_id, history=False)
+        if info.backend == "local" or info.remote_id:
+            raise ConfigError(f"job {job_id} was submitted already ({info.backend}"
+                              + (f" job {info.remote_id}" if info.remote_id else "") + "): submit it anew instead")
+        self.store.update(job_id, (policy.FAILED,), "resubmitting", state=policy.PENDING, reason="", finished=None)
+        self._send(job_id, info.spec, self.pool())
+        return job_id
+
+    def _refresh(self, info: JobInfo) -> JobInfo:
+        """A cluster job's record brought up to date from the cluster."""
+        if info.backend == "local" or not info.remote_id or info.state in DONE:
+            return info
+        from stoker.jobs.backends import slurm
+
+        st = slurm.status(info.remote_id)
+        if (st.state, st.exit_code, st.restarts) != (info.state, info.exit_code, info.preemptions):
+            done = {"finished": time.time()} if st.state in DONE else {}
+            self.store.update(info.id, (info.state,), f"Slurm: {st.native}" + (f" ({st.reason})" if st.reason not in (
+                "", "None") else ""), state=st.state, exit_code=st.exit_code, preemptions=st.restarts,
+                reason=st.reason if st.reason != "None" else "", **done)
+        return self.store.get(info.id)
+
     def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobInfo]:
-        return self.store.list(states, limit)
+        return [self._refresh(j) for j in self.store.list(states, limit)]
 
     def status(self, job_id: int) -> JobInfo:
-        return self.store.get(job_id)
+        return self._refresh(self.store.get(job_id))
 
     def why(self, job_id: int) -> Why:
-        self.store.get(job_id, history=False)  # an unknown id: ConfigError
+        info = self.store.get(job_id, history=False)  # an unknown id: ConfigError
+        if info.backend != "local" and info.remote_id:
+            from stoker.jobs.backends import slurm
+
+            info = self._refresh(info)
+            return Why(job_id, info.state, None, [], slurm.why(info.remote_id))
         return policy.explain(self.pool(), self.store.scheduling_view() + self._done(job_id), job_id, time.time())
 
     def _done(self, job_id: int) -> list[policy.Job]:
@@ -93,9 +149,14 @@ class Client:
     def cancel(self, job_id: int) -> str:
         """Cancel a job: at once when it waits; a running one gets SIGTERM (it may checkpoint),
         then SIGKILL after the grace period. The state it is in afterwards."""
-        info = self.store.get(job_id, history=False)
+        info = self._refresh(self.store.get(job_id, history=False))
         if info.state in DONE:
             raise ConfigError(f"job {job_id} already {info.state}")
+        if info.backend != "local" and info.remote_id:
+            from stoker.jobs.backends import slurm
+
+            slurm.cancel(info.remote_id)
+            return self.status(job_id).state
         if self.store.update(job_id, WAITING, "cancelled while waiting", state=CANCELLED, reason="cancelled",
                              finished=time.time()):
             return CANCELLED
@@ -128,7 +189,7 @@ class Client:
                     yield chunk.decode(errors="replace")
             if not follow:
                 return
-            if self.store.get(job_id, history=False).state in DONE and (not path.exists() or path.stat().st_size == pos):
+            if self.status(job_id).state in DONE and (not path.exists() or path.stat().st_size == pos):
                 return
             time.sleep(poll_s)
 
@@ -137,7 +198,7 @@ class Client:
         """Block until the job is in one of `states` (default: finished); TimeoutError after `timeout` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            info = self.store.get(job_id)
+            info = self.status(job_id)
             if info.state in states:
                 return info
             if deadline is not None and time.monotonic() > deadline:

@@ -22,6 +22,7 @@ PRIORITIES = {"low": 0, "normal": 100, "high": 200}
 STRATEGIES = ("best_effort_fifo", "strict_fifo")
 RECLAIM = ("any", "lower_priority", "never")
 WITHIN = ("lower_priority", "never")
+BACKENDS = ("local", "slurm")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BYTES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -152,6 +153,7 @@ class QueueConfig:
     strategy: str = "best_effort_fifo"  # strict_fifo: a head that cannot start blocks the rest
     reclaim_within_cohort: str = "any"  # preempt others' borrowed jobs when taking back quota
     within_queue: str = "lower_priority"  # preempt this queue's lower-priority jobs
+    backend: str = "local"  # where its jobs run: local or slurm
 
 
 @dataclass
@@ -168,6 +170,7 @@ class PoolConfig:
     cores: int = 1
     memory: int = 0  # bytes on this host (0: unknown)
     kubernetes: dict[str, Any] = field(default_factory=dict)  # [kubernetes]: see backends/kubernetes.py
+    slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: see backends/slurm.py
 
     def cohort_members(self, q: QueueConfig) -> list[QueueConfig]:
         return [o for o in self.queues.values() if q.cohort and o.cohort == q.cohort] or [q]
@@ -179,13 +182,15 @@ class PoolConfig:
         ceiling = cohort if q.borrowing_limit is None else min(cohort, q.nominal_quota + q.borrowing_limit)
         return min(ceiling, self.slots)
 
-    def check(self, spec: JobSpec) -> None:
-        """ConfigError unless this pool could ever run `spec`."""
+    def check(self, spec: JobSpec, backend: str = "local") -> None:
+        """ConfigError unless this pool could ever run `spec` (on this host, for the local backend)."""
         if spec.queue not in self.queues:
             raise ConfigError(f"queue: no queue {spec.queue!r}; queues are: {', '.join(self.queues)}")
         if spec.priority not in self.priorities:
             raise ConfigError(f"priority: no class {spec.priority!r}; classes are: "
                               + ", ".join(f"{k} ({v})" for k, v in sorted(self.priorities.items(), key=lambda kv: kv[1])))
+        if backend != "local":
+            return  # the cluster decides what it can hold
         if spec.hosts != 1:
             raise ConfigError(f"hosts: the local engine has 1 host, the job asks for {spec.hosts} "
                               "(submit it to a cluster backend)")
@@ -238,7 +243,7 @@ def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
 def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
     """A PoolConfig from queues.toml's content (an empty dict: one queue `default` of every slot)."""
     gpus, cores, memory = host_resources()
-    top = {"slots", "scheduler", "priorities", "queues", "kubernetes"}
+    top = {"slots", "scheduler", "priorities", "queues", "kubernetes", "slurm"}
     unknown = sorted(set(d) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys are: {', '.join(sorted(top))}")
@@ -252,6 +257,11 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
 
         KubeConfig.from_dict(d["kubernetes"], f"{where}: kubernetes")  # its mistakes show up now
         pool.kubernetes = dict(d["kubernetes"])
+    if "slurm" in d:
+        from stoker.jobs.backends.slurm import SlurmConfig
+
+        SlurmConfig.from_dict(d["slurm"], f"{where}: slurm")
+        pool.slurm = dict(d["slurm"])
     sched = dict(d.get("scheduler", {}))
     for key in ("grace", "retry_pause"):
         if key in sched:
@@ -291,7 +301,8 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
             name=name, nominal_quota=quota, cohort=cohort, borrowing_limit=limit,
             strategy=_choice(q.get("strategy", "best_effort_fifo"), STRATEGIES, f"{w}.strategy"),
             reclaim_within_cohort=_choice(q.get("reclaim_within_cohort", "any"), RECLAIM, f"{w}.reclaim_within_cohort"),
-            within_queue=_choice(q.get("within_queue", "lower_priority"), WITHIN, f"{w}.within_queue"))
+            within_queue=_choice(q.get("within_queue", "lower_priority"), WITHIN, f"{w}.within_queue"),
+            backend=_choice(q.get("backend", "local"), BACKENDS, f"{w}.backend"))
     total = sum(q.nominal_quota for q in pool.queues.values())
     if total > pool.slots:
         raise ConfigError(f"{where}: the queues' nominal quotas add up to {total} slots; the pool has {pool.slots} "

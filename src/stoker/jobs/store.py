@@ -40,7 +40,8 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
 """
 
 # Columns added after the first version of the table (an older store gets them on opening).
-ADDED_COLUMNS = [("seq", "INTEGER NOT NULL DEFAULT 0"), ("slot_ids", "TEXT NOT NULL DEFAULT ''")]
+ADDED_COLUMNS = [("seq", "INTEGER NOT NULL DEFAULT 0"), ("slot_ids", "TEXT NOT NULL DEFAULT ''"),
+                 ("backend", "TEXT NOT NULL DEFAULT 'local'"), ("remote_id", "TEXT NOT NULL DEFAULT ''")]
 
 _SCHED = [f.name for f in fields(Job)]
 
@@ -66,10 +67,12 @@ class JobInfo(Job):
     reason: str = ""
     finished: float | None = None
     updated: float = 0.0
+    backend: str = "local"  # or the cluster engine it was submitted to
+    remote_id: str = ""  # the job's id there
     history: list[Event] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("id", "name", "state", "queue", "slots", "restarts", "preemptions",
+        d = {k: getattr(self, k) for k in ("id", "name", "state", "backend", "remote_id", "queue", "slots", "restarts", "preemptions",
                                            "exit_code", "reason", "submitted", "started", "finished", "attempt",
                                            "pid", "stopping", "backoff_until", "runtime_used")}
         d["priority"] = self.priority_class
@@ -116,14 +119,14 @@ class Store:
     def _tx(self):
         return _Tx(self.db)
 
-    def submit(self, spec: JobSpec, priority: int, now: float | None = None) -> int:
+    def submit(self, spec: JobSpec, priority: int, now: float | None = None, backend: str = "local") -> int:
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO jobs (name, spec, queue, priority_class, priority, slots, preemptible, max_runtime, "
-                "retries, state, submitted, queued_at, updated, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "retries, state, submitted, queued_at, updated, seq, backend) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (spec.name, json.dumps(spec.to_dict()), spec.queue, spec.priority, priority, spec.slots,
-                 int(spec.preemptible), spec.max_runtime, spec.retries, PENDING, now, now, now, _next_seq(db)))
+                 int(spec.preemptible), spec.max_runtime, spec.retries, PENDING, now, now, now, _next_seq(db), backend))
             job_id = cur.lastrowid
             db.execute("INSERT INTO events VALUES (?,?,?,?)", (job_id, now, PENDING, "submitted"))
         return job_id
@@ -150,13 +153,14 @@ class Store:
     def scheduling_view(self) -> list[Job]:
         """Every job that waits or holds slots, as the scheduler sees it."""
         states = WAITING + ACTIVE
-        return self._jobs(self.db.execute(f"SELECT {', '.join(_SCHED)} FROM jobs WHERE state IN "
+        return self._jobs(self.db.execute(f"SELECT {', '.join(_SCHED)} FROM jobs WHERE backend = 'local' AND state IN "
                                           f"({','.join('?' * len(states))})", states).fetchall())
 
     def changes(self, since: int) -> tuple[list[Job], int]:
         """The jobs written after change number `since` (any state), and the last change number.
         Writers are serialised and number their changes in commit order, so nothing is missed."""
-        rows = self.db.execute(f"SELECT {', '.join(_SCHED)}, seq FROM jobs WHERE seq > ?", (since,)).fetchall()
+        rows = self.db.execute(f"SELECT {', '.join(_SCHED)}, seq FROM jobs WHERE seq > ? AND backend = 'local'",
+                               (since,)).fetchall()
         return self._jobs([r[:-1] for r in rows]), max((r[-1] for r in rows), default=since)
 
     @staticmethod
@@ -199,14 +203,15 @@ class Store:
 
     def held_slots(self) -> set[int]:
         """The slot numbers (GPU indices on a GPU host) held by admitted and running jobs."""
-        rows = self.db.execute("SELECT slot_ids FROM jobs WHERE state IN (?,?)", ACTIVE).fetchall()
+        rows = self.db.execute("SELECT slot_ids FROM jobs WHERE state IN (?,?) AND backend = 'local'", ACTIVE).fetchall()
         return {int(x) for (ids,) in rows for x in ids.split(",") if x}
 
     def usage(self) -> dict[str, tuple[int, int, int]]:
         """queue -> (slots held, jobs holding slots, jobs waiting)."""
         out: dict[str, list[int]] = {}
         for queue, state, n, slots in self.db.execute(
-                "SELECT queue, state, count(*), sum(slots) FROM jobs WHERE state IN (?,?,?,?) GROUP BY queue, state",
+                "SELECT queue, state, count(*), sum(slots) FROM jobs WHERE state IN (?,?,?,?) AND backend = 'local' "
+                "GROUP BY queue, state",
                 WAITING + ACTIVE):
             u = out.setdefault(queue, [0, 0, 0])
             if state in ACTIVE:

@@ -1,0 +1,178 @@
+"""Jobs on Slurm: a JobSpec as an sbatch script, and the job's state, reason, output and
+cancellation read back through squeue, scontrol and scancel.
+
+The script asks for `hosts` nodes with one task each; `srun` starts one copy of the command per
+node, and a `stoker train` command gets `--nnodes`, `--node-rank` (the node's index) and
+`--master` (the first node of the allocation). The job is requeueable and appends to one
+output file, so a preemption (a partition with PreemptMode=REQUEUE: SIGTERM, GraceTime, then
+requeue) leaves a checkpoint, and the requeued job resumes from it.
+
+queues.toml's `[slurm]` table:
+
+    partition = "batch"                          # default: Slurm's default partition
+    partitions = { low = "low", high = "high" }  # per priority class: preemption by PriorityTier
+    qos = { high = "urgent" }                    # per priority class
+    account = "ml"
+    port = 29500                                 # the rendezvous port on the first node
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stoker.config import ConfigError
+from stoker.jobs.policy import CANCELLED, FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED
+from stoker.jobs.spec import JobSpec
+
+
+class BackendError(ConfigError):
+    """The backend cannot be reached or refused the request; one line saying which and why."""
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    partitions: dict[str, str] = field(default_factory=dict)
+    qos: dict[str, str] = field(default_factory=dict)
+    account: str = ""
+    port: int = 29500
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "queues.toml: slurm") -> "SlurmConfig":
+        known = {"partition", "partitions", "qos", "account", "port"}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"{where}.{bad[0]}: unknown; keys are: {', '.join(sorted(known))}")
+        for key in ("partitions", "qos"):
+            if not isinstance(d.get(key, {}), dict):
+                raise ConfigError(f"{where}.{key}: expected a table of priority class = name")
+        return cls(**d)
+
+
+@dataclass
+class RemoteStatus:
+    state: str  # one of stoker's states
+    native: str  # Slurm's own state
+    reason: str = ""
+    exit_code: int | None = None
+    restarts: int = 0
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise BackendError(f"slurm: {argv[0]} not found: is Slurm's client installed and on PATH?") from None
+    except subprocess.TimeoutExpired:
+        raise BackendError(f"slurm: {argv[0]} did not answer in 60 s (is slurmctld up?)") from None
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise BackendError(f"slurm: {what} failed: {msg[-1] if msg else f'exit {r.returncode}'}")
+    return r.stdout
+
+
+def script(spec: JobSpec, job_id: int, cfg: SlurmConfig, output: Path, grace: float) -> str:
+    """The sbatch script that runs `spec` (see the module's docstring)."""
+    if spec.slots % spec.hosts:
+        raise ConfigError(f"slots: {spec.slots} slots do not split evenly over {spec.hosts} hosts")
+    per_host = spec.slots // spec.hosts
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={shlex.quote(f'stoker-{job_id}-{spec.name}'[:60])}",
+             f"#SBATCH --nodes={spec.hosts}", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --cpus-per-task={max(1, round(spec.cpus * per_host))}",
+             "#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --output={output}"]
+    if spec.gpus:
+        lines.append(f"#SBATCH --gres=gpu:{spec.gpus * per_host}")
+    if spec.memory:
+        lines.append(f"#SBATCH --mem={max(1, spec.memory // spec.hosts // 2**20)}M")
+    if spec.max_runtime:
+        lines.append(f"#SBATCH --time={max(1, int(-(-spec.max_runtime // 60)))}")
+        # SIGTERM to the job's processes `grace` seconds before the time limit: a checkpoint.
+        lines.append(f"#SBATCH --signal=TERM@{max(1, int(grace))}")
+    partition = cfg.partitions.get(spec.priority, cfg.partition)
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if spec.priority in cfg.qos:
+        lines.append(f"#SBATCH --qos={cfg.qos[spec.priority]}")
+    if cfg.account:
+        lines.append(f"#SBATCH --account={cfg.account}")
+    if spec.workdir:
+        lines.append(f"#SBATCH --chdir={spec.workdir}")
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())]
+    lines += [f"export STOKER_JOB_ID={job_id}", f"export OMP_NUM_THREADS={max(1, int(spec.cpus))}",
+              'echo "--- job ${STOKER_JOB_ID} attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )): started '
+              '$(date "+%F %T") on ${SLURM_JOB_NODELIST}"']
+    argv = list(spec.command)
+    tail = ""
+    if argv[0] == "stoker":
+        argv = [sys.executable, "-m", "stoker", *argv[1:]]
+        if argv[3:4] == ["train"]:
+            argv += [f"--nproc={per_host}"] if not any(a.startswith("--nproc") for a in argv) else []
+            if spec.hosts > 1:
+                lines.append('export MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
+                tail = f' --nnodes={spec.hosts} --node-rank="$SLURM_NODEID" --master="$MASTER:{cfg.port}"'
+    # One task per node; the node's index is only known inside the task, hence bash -c.
+    lines.append("srun --kill-on-bad-exit=1 bash -c " + shlex.quote("exec " + shlex.join(argv) + tail))
+    return "\n".join(lines) + "\n"
+
+
+def submit(spec: JobSpec, job_id: int, cfg: SlurmConfig, job_dir: Path, grace: float) -> str:
+    """sbatch the job; Slurm's job id."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / "job.sbatch"
+    path.write_text(script(spec, job_id, cfg, job_dir / "output.log", grace))
+    out = _run(["sbatch", "--parsable", str(path)], "sbatch")
+    return out.strip().split(";")[0]
+
+
+_STATES = {"PENDING": PENDING, "CONFIGURING": RUNNING, "RUNNING": RUNNING, "COMPLETING": RUNNING,
+           "SUSPENDED": RUNNING, "STOPPED": RUNNING, "RESIZING": RUNNING, "COMPLETED": SUCCEEDED,
+           "CANCELLED": CANCELLED, "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED,
+           "OUT_OF_MEMORY": FAILED, "BOOT_FAIL": FAILED, "DEADLINE": FAILED, "PREEMPTED": PREEMPTED,
+           "REQUEUED": PREEMPTED, "REQUEUE_FED": PREEMPTED, "REQUEUE_HOLD": PREEMPTED}
+
+
+def status(slurm_id: str) -> RemoteStatus:
+    """The job's state from scontrol (which keeps finished jobs for MinJobAge, 300 s by default)."""
+    try:
+        text = _run(["scontrol", "show", "job", "-o", slurm_id], f"scontrol show job {slurm_id}")
+    except BackendError as e:
+        if "Invalid job id" in str(e):
+            return RemoteStatus(FAILED, "UNKNOWN", "Slurm no longer knows this job (finished over MinJobAge ago)")
+        raise
+    f = dict(re.findall(r"(\w+)=(\S*)", text))
+    native = f.get("JobState", "UNKNOWN")
+    state = _STATES.get(native, RUNNING)
+    restarts = int(f.get("Restarts", "0") or 0)
+    if state == PENDING and restarts:
+        state = PREEMPTED  # requeued after a preemption, waiting to resume
+    code = None
+    if state in (SUCCEEDED, FAILED, CANCELLED) and ":" in f.get("ExitCode", ""):
+        rc, sig = (int(x) for x in f["ExitCode"].split(":"))
+        code = 128 + sig if sig else rc
+    return RemoteStatus(state, native, f.get("Reason", ""), code, restarts)
+
+
+def why(slurm_id: str) -> list[str]:
+    """Slurm's own pending reason, and the job's place among the pending jobs of its partition."""
+    st = status(slurm_id)
+    if st.native != "PENDING":
+        return [f"Slurm state {st.native}" + (f" ({st.reason})" if st.reason not in ("", "None") else "")]
+    text = _run(["squeue", "-h", "-t", "PD", "-o", "%i|%P|%Q|%r"], "squeue")
+    rows = [r.split("|") for r in text.split("\n") if r.strip()]
+    mine = next((r for r in rows if r[0] == slurm_id), None)
+    if mine is None:
+        return [f"Slurm state {st.native} ({st.reason})"]
+    same = sorted((r for r in rows if r[1] == mine[1]), key=lambda r: (-int(r[2]), int(r[0].split("_")[0])))
+    pos = [r[0] for r in same].index(slurm_id) + 1
+    return [f"Slurm job {slurm_id}: position {pos} of {len(same)} pending in partition {mine[1]}",
+            f"Slurm's reason: {mine[3]}"]
+
+
+def cancel(slurm_id: str) -> None:
+    _run(["scancel", slurm_id], f"scancel {slurm_id}")

@@ -1,0 +1,75 @@
+"""Jobs on a real Slurm (one node, started by the test): the sbatch script, submit, status,
+logs, why, cancel, and the local record when Slurm cannot be reached."""
+
+import os
+import sys
+import time
+
+import pytest
+
+from stoker.config import ConfigError
+from stoker.jobs import Client
+
+from .slurm_cluster import SlurmCluster, why_not
+
+POOL = '[slurm]\npartitions = { low = "low", high = "high" }\n[queues.default]\nnominal_quota = 2\nbackend = "slurm"\n'
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    cluster.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def test_submit_status_logs_why_cancel_through_slurm(slurm, tmp_path):
+    (tmp_path / "queues.toml").write_text(POOL)
+    c = Client(tmp_path, autostart=False)
+    a = c.submit(command=[sys.executable, "-c", "import os; print('rank file', os.environ['STOKER_JOB_ID'])"],
+                 priority="high", env={"GREETING": "hello there"})
+    s = c.wait(a, timeout=60)
+    assert (s.state, s.exit_code, s.backend) == ("succeeded", 0, "slurm") and s.remote_id.isdigit()
+    log = "".join(c.logs(a))
+    assert f"rank file {a}" in log and f"--- job {a} attempt 1" in log
+    script = (c.store.job_dir(a) / "job.sbatch").read_text()
+    assert "#SBATCH --partition=high" in script and "export GREETING='hello there'" in script
+    failing = c.submit(command=["sh", "-c", "exit 3"], priority="high")
+    assert c.wait(failing, timeout=60).exit_code == 3 and c.status(failing).state == "failed"
+    # A job holding every CPU, then one more: Slurm's reason and the place in its partition.
+    cpus = len(os.sched_getaffinity(0))
+    hold = c.submit(command=["sleep", "60"], priority="low", cpus=cpus)
+    c.wait(hold, timeout=60, states=("running",))
+    waiting = c.submit(command=["true"], priority="low", cpus=cpus)
+    deadline = time.time() + 30
+    while "Slurm's reason: None" in c.why(waiting).text() or not c.why(waiting).reasons[0].startswith("Slurm job"):
+        assert time.time() < deadline
+        time.sleep(0.3)
+    w = c.why(waiting).text()
+    assert "position 1 of 1 pending in partition low" in w and ("Resources" in w or "Priority" in w)
+    for j in (waiting, hold):
+        c.cancel(j)
+        assert c.wait(j, timeout=60).state == "cancelled"
+
+
+def test_an_unreachable_slurm_keeps_the_job_on_record_for_resubmission(slurm, tmp_path, monkeypatch):
+    (tmp_path / "queues.toml").write_text(POOL)
+    c = Client(tmp_path, autostart=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch to be found
+    with pytest.raises(ConfigError, match=r"sbatch not found.*recorded as job 1"):
+        c.submit(command=["true"], priority="high")
+    s = c.status(1)
+    assert s.state == "failed" and s.reason.startswith("not submitted") and s.remote_id == ""
+    monkeypatch.undo()
+    assert c.resubmit(1) == 1
+    assert c.wait(1, timeout=60).state == "succeeded"
+    with pytest.raises(ConfigError, match="submitted already"):
+        c.resubmit(1)
