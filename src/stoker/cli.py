@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("train", help="train or resume a model", formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Train per CONFIG.toml and --section.key=value overrides (e.g. --train.steps=100\n"
                                     "--model.preset=tiny). Resumes from the latest checkpoint in train.out_dir.\n"
-                                    "SIGTERM/SIGINT: finish the step, checkpoint, exit; a second one exits at once.",
+                                    "SIGTERM/SIGINT: finish the step, checkpoint, exit; a second Ctrl-C exits at once.",
                         epilog=keys)
     pt.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
     pt.add_argument("--nproc", type=int, default=1,

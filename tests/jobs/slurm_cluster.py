@@ -88,7 +88,7 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 JobRequeue=1
 NodeName={host} CPUs={cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=low Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=60
+PartitionName=low Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=high Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2
 """)
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)

@@ -102,7 +102,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second signal exits at once."""
+    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second Ctrl-C (SIGINT) exits at once;
+    a repeated SIGTERM does not: schedulers send it more than once (Slurm signals the step, then
+    srun passes its own on), and end a job that takes too long with SIGKILL themselves."""
 
     # torchrun relays the terminal's Ctrl-C to workers that already got it: a repeat this soon
     # after the first is the same request, not a second one.
@@ -116,7 +118,7 @@ class StopFlag:
         now = time.monotonic()
         if self.at is None:
             self.at = now
-        elif now - self.at > self.SAME_REQUEST_S:
+        elif signum == signal.SIGINT and now - self.at > self.SAME_REQUEST_S:
             # At once: no clean-up that could wait on a collective. A half-written checkpoint
             # keeps its temporary name and is ignored and replaced by the next save.
             os._exit(128 + signum)
