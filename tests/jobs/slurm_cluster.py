@@ -1,6 +1,7 @@
 """A one-node Slurm cluster on this machine for the tests: munge, slurmctld and slurmd from
 Debian's slurm-wlm, configured under a temporary directory, with two partitions (`low`, and
-`high` at a higher PriorityTier that preempts it with PreemptMode=REQUEUE)."""
+`high` at a higher PriorityTier that preempts it with PreemptMode=REQUEUE; a preempted step has
+KillWait, 60 s, to checkpoint before SIGKILL)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ AuthInfo=cred_expire=10
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 JobRequeue=1
+KillWait=60
 NodeName={host} CPUs={cpus} RealMemory={mem} State=UNKNOWN
 PartitionName=low Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=high Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from conftest import TINY, assert_curves_close, losses, run_train
+
 from stoker.config import ConfigError
 from stoker.jobs import Client
 
@@ -73,3 +75,31 @@ def test_an_unreachable_slurm_keeps_the_job_on_record_for_resubmission(slurm, tm
     assert c.wait(1, timeout=60).state == "succeeded"
     with pytest.raises(ConfigError, match="submitted already"):
         c.resubmit(1)
+
+
+def test_a_train_job_preempted_by_slurm_checkpoints_is_requeued_and_matches_an_uninterrupted_run(
+        slurm, tmp_path, small_data):
+    (tmp_path / "queues.toml").write_text(POOL)
+    c = Client(tmp_path, autostart=False)
+    steps = 300
+    cpus = len(os.sched_getaffinity(0))
+    train = ["stoker", "train", *TINY, f"--data.dir={small_data}", f"--train.out_dir={tmp_path / 'low'}",
+             f"--train.steps={steps}", f"--train.decay_steps={steps}", "--train.ckpt_every=0"]
+    # Every CPU, so that the high-priority job needs them; one thread, as the reference has.
+    low = c.submit(command=train, priority="low", cpus=cpus, env={"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((tmp_path / "low" / "metrics.jsonl").exists() and len(losses(tmp_path / "low")) >= 10):
+        assert time.time() < deadline, "".join(c.logs(low))
+        time.sleep(0.1)
+    high = c.submit(command=["sleep", "1"], priority="high", cpus=cpus)
+    assert c.wait(high, timeout=120).state == "succeeded"
+    s = c.wait(low, timeout=300)
+    log = "".join(c.logs(low))
+    assert s.state == "succeeded" and s.preemptions == 1, log
+    assert "attempt 2" in log and "resuming at step" in log and "DUE TO PREEMPTION" in log
+    stopped = int(log.split("resuming at step ")[1].split()[0])
+    assert 10 <= stopped < steps
+    run_train(small_data, tmp_path / "ref", f"--train.steps={steps}", f"--train.decay_steps={steps}",
+              "--train.ckpt_every=0")
+    # One process with one thread on both sides, the same data order, an exact resume.
+    assert_curves_close(losses(tmp_path / "low"), losses(tmp_path / "ref"), range(1, steps + 1), 1e-5)

@@ -201,3 +201,22 @@ def test_demo_never_deletes_what_it_did_not_make(tmp_path, capsys):
     (demo_out / "metrics.jsonl").write_text("old run")
     _fresh_out_dir(data, demo_out)
     assert [p.name for p in demo_out.iterdir()] == [".stoker-demo"]
+
+
+def test_a_repeated_sigterm_never_aborts_the_checkpoint_but_a_second_ctrl_c_does(monkeypatch):
+    from stoker.train import trainer
+
+    exits = []
+    monkeypatch.setattr(trainer.os, "_exit", exits.append)
+    clock = [100.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
+    flag = trainer.StopFlag()
+    try:
+        flag._handle(signal.SIGTERM, None)
+        clock[0] += 3.0  # Slurm: the step's own SIGTERM, then srun's, 3 s apart
+        flag._handle(signal.SIGTERM, None)
+        assert flag.set and exits == []
+        flag._handle(signal.SIGINT, None)  # a person pressing Ctrl-C again
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        flag.restore()

@@ -7,6 +7,10 @@ node, and a `stoker train` command gets `--nnodes`, `--node-rank` (the node's in
 output file, so a preemption (a partition with PreemptMode=REQUEUE: SIGTERM, GraceTime, then
 requeue) leaves a checkpoint, and the requeued job resumes from it.
 
+Preemption needs the partition's PreemptMode=REQUEUE without GraceTime: the job step gets SIGTERM
+at once and KillWait seconds (slurm.conf) to checkpoint before SIGKILL, and the job is requeued.
+With GraceTime, a job whose step ends within the grace counts as finished and is not requeued.
+
 queues.toml's `[slurm]` table:
 
     partition = "batch"                          # default: Slurm's default partition
@@ -103,8 +107,9 @@ def script(spec: JobSpec, job_id: int, cfg: SlurmConfig, output: Path, grace: fl
         lines.append(f"#SBATCH --account={cfg.account}")
     if spec.workdir:
         lines.append(f"#SBATCH --chdir={spec.workdir}")
+    lines.append(f"export OMP_NUM_THREADS={max(1, int(spec.cpus))}")  # the job's own env may say otherwise
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())]
-    lines += [f"export STOKER_JOB_ID={job_id}", f"export OMP_NUM_THREADS={max(1, int(spec.cpus))}",
+    lines += [f"export STOKER_JOB_ID={job_id}",
               'echo "--- job ${STOKER_JOB_ID} attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )): started '
               '$(date "+%F %T") on ${SLURM_JOB_NODELIST}"']
     argv = list(spec.command)
