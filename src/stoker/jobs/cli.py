@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
                    help="never preempt this job")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable")
     s.add_argument("--workdir", help="directory to run in (default: here)")
-    s.add_argument("--backend", choices=("local", "slurm"), default=None,
+    s.add_argument("--backend", choices=("local", "slurm", "kubernetes"), default=None,
                    help="where it runs (default: the queue's backend in queues.toml, else local)")
     s.add_argument("--json", action="store_true", help="print {\"id\": N}")
 

@@ -20,7 +20,8 @@ from typing import Iterator
 
 from stoker.config import ConfigError
 from stoker.jobs import policy
-from stoker.jobs.policy import ACTIVE, CANCELLED, DONE, WAITING, Why
+from stoker.jobs.backends import backend
+from stoker.jobs.policy import ACTIVE, CANCELLED, DONE, PREEMPTED, WAITING, Why
 from stoker.jobs.spec import BACKENDS, JobSpec, PoolConfig, load_pool, load_spec
 from stoker.jobs.store import JobInfo, Store
 from stoker.launch import job_command
@@ -60,7 +61,7 @@ class Client:
 
     def submit(self, spec: JobSpec | str | Path | None = None, backend: str | None = None, **fields) -> int:
         """Queue a job: a JobSpec, a spec TOML file, or JobSpec's fields as keywords. Its id.
-        `backend` (default: the queue's, else local): local, or slurm."""
+        `backend` (default: the queue's, else local): local, slurm or kubernetes."""
         if spec is None:
             spec = JobSpec.from_dict(fields, "submit")
         else:
@@ -92,16 +93,15 @@ class Client:
         return job_id
 
     def _send(self, job_id: int, spec: JobSpec, pool: PoolConfig) -> None:
-        from stoker.jobs.backends import slurm
-
+        info = self.store.get(job_id, history=False)
+        remote = backend(info.backend, pool)
         try:
-            remote = slurm.submit(spec, job_id, slurm.SlurmConfig.from_dict(pool.slurm), self.store.job_dir(job_id),
-                                  spec.grace if spec.grace is not None else pool.grace)
+            remote_id = remote.submit(spec, job_id, self.store.job_dir(job_id))
         except ConfigError as e:
             self.store.update(job_id, WAITING, f"not submitted: {e}", state=policy.FAILED, reason=f"not submitted: {e}",
                               finished=time.time())
             raise ConfigError(f"{e} (recorded as job {job_id}; `stoker jobs resubmit {job_id}` tries again)") from None
-        self.store.update(job_id, WAITING, f"submitted to Slurm as job {remote}", remote_id=remote)
+        self.store.update(job_id, WAITING, f"submitted to {remote.name} as {remote_id}", remote_id=remote_id)
 
     def resubmit(self, job_id: int) -> int:
         """Send a job that never reached its cluster (its backend was unreachable) again."""
@@ -113,18 +113,21 @@ class Client:
         self._send(job_id, info.spec, self.pool())
         return job_id
 
+    def _remote(self, info: JobInfo):
+        return backend(info.backend, self.pool())
+
     def _refresh(self, info: JobInfo) -> JobInfo:
         """A cluster job's record brought up to date from the cluster."""
         if info.backend == "local" or not info.remote_id or info.state in DONE:
             return info
-        from stoker.jobs.backends import slurm
-
-        st = slurm.status(info.remote_id)
-        if (st.state, st.exit_code, st.restarts) != (info.state, info.exit_code, info.preemptions):
+        remote = self._remote(info)
+        st = remote.status(info.remote_id, info.spec)
+        restarts = max(st.restarts, info.preemptions + (st.state == PREEMPTED and info.state != PREEMPTED))
+        if (st.state, st.exit_code, restarts) != (info.state, info.exit_code, info.preemptions):
             done = {"finished": time.time()} if st.state in DONE else {}
-            self.store.update(info.id, (info.state,), f"Slurm: {st.native}" + (f" ({st.reason})" if st.reason not in (
-                "", "None") else ""), state=st.state, exit_code=st.exit_code, preemptions=st.restarts,
-                reason=st.reason if st.reason != "None" else "", **done)
+            said = f"{remote.name}: {st.native}" + (f" ({st.reason})" if st.reason not in ("", "None") else "")
+            self.store.update(info.id, (info.state,), said, state=st.state, exit_code=st.exit_code,
+                              preemptions=restarts, reason=st.reason if st.reason != "None" else "", **done)
         return self.store.get(info.id)
 
     def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobInfo]:
@@ -136,10 +139,8 @@ class Client:
     def why(self, job_id: int) -> Why:
         info = self.store.get(job_id, history=False)  # an unknown id: ConfigError
         if info.backend != "local" and info.remote_id:
-            from stoker.jobs.backends import slurm
-
             info = self._refresh(info)
-            return Why(job_id, info.state, None, [], slurm.why(info.remote_id))
+            return Why(job_id, info.state, None, [], self._remote(info).why(info.remote_id, info.spec))
         return policy.explain(self.pool(), self.store.scheduling_view() + self._done(job_id), job_id, time.time())
 
     def _done(self, job_id: int) -> list[policy.Job]:
@@ -153,9 +154,7 @@ class Client:
         if info.state in DONE:
             raise ConfigError(f"job {job_id} already {info.state}")
         if info.backend != "local" and info.remote_id:
-            from stoker.jobs.backends import slurm
-
-            slurm.cancel(info.remote_id)
+            self._remote(info).cancel(info.remote_id, info.spec)
             return self.status(job_id).state
         if self.store.update(job_id, WAITING, "cancelled while waiting", state=CANCELLED, reason="cancelled",
                              finished=time.time()):
@@ -177,6 +176,12 @@ class Client:
     def logs(self, job_id: int, follow: bool = False, poll_s: float = 0.5) -> Iterator[str]:
         """The job's output (every attempt, each after a `--- job N attempt K` line); with
         `follow`, go on yielding new output until the job is done."""
+        info = self.store.get(job_id, history=False)
+        if info.backend != "local" and info.remote_id:
+            text = self._remote(info).logs(info.remote_id, info.spec)
+            if text is not None:  # the cluster keeps them (Kubernetes: the pods' logs)
+                yield text
+                return
         path = self.log_path(job_id)
         pos = 0
         while True:

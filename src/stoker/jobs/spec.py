@@ -22,7 +22,7 @@ PRIORITIES = {"low": 0, "normal": 100, "high": 200}
 STRATEGIES = ("best_effort_fifo", "strict_fifo")
 RECLAIM = ("any", "lower_priority", "never")
 WITHIN = ("lower_priority", "never")
-BACKENDS = ("local", "slurm")
+BACKENDS = ("local", "slurm", "kubernetes")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BYTES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -153,7 +153,7 @@ class QueueConfig:
     strategy: str = "best_effort_fifo"  # strict_fifo: a head that cannot start blocks the rest
     reclaim_within_cohort: str = "any"  # preempt others' borrowed jobs when taking back quota
     within_queue: str = "lower_priority"  # preempt this queue's lower-priority jobs
-    backend: str = "local"  # where its jobs run: local or slurm
+    backend: str = "local"  # where its jobs run: local, slurm or kubernetes
 
 
 @dataclass
@@ -303,7 +303,7 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
             reclaim_within_cohort=_choice(q.get("reclaim_within_cohort", "any"), RECLAIM, f"{w}.reclaim_within_cohort"),
             within_queue=_choice(q.get("within_queue", "lower_priority"), WITHIN, f"{w}.within_queue"),
             backend=_choice(q.get("backend", "local"), BACKENDS, f"{w}.backend"))
-    total = sum(q.nominal_quota for q in pool.queues.values())
+    total = sum(q.nominal_quota for q in pool.queues.values() if q.backend == "local")  # a cluster has its own
     if total > pool.slots:
         raise ConfigError(f"{where}: the queues' nominal quotas add up to {total} slots; the pool has {pool.slots} "
                           "(set slots = N to say otherwise)")

@@ -18,11 +18,13 @@ queues.toml's `[kubernetes]` table:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from stoker.config import ConfigError
+from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.spec import JobSpec, PoolConfig
 
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
@@ -166,3 +168,152 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
     import yaml
 
     return "---\n".join(yaml.safe_dump(o, sort_keys=False) for o in objects)
+
+
+# Talking to a cluster: the kubernetes client with the user's kubeconfig.
+
+class _Api:
+    """The client's API objects, or one-line errors when there is no cluster to talk to."""
+
+    def __init__(self):
+        try:
+            import kubernetes
+        except ImportError:
+            raise BackendError("kubernetes: the client is not installed: pip install 'stoker[kubernetes]'") from None
+        self.k8s = kubernetes
+        try:
+            # $KUBECONFIG as it is now (the client reads it once, when imported)
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+        except Exception as e:  # ConfigException, a missing or unreadable file: no cluster configured
+            raise BackendError(f"kubernetes: no usable kubeconfig (~/.kube/config or $KUBECONFIG): {e}") from None
+        self.core = kubernetes.client.CoreV1Api()
+        self.batch = kubernetes.client.BatchV1Api()
+        self.custom = kubernetes.client.CustomObjectsApi()
+
+    def call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except self.k8s.client.exceptions.ApiException as e:
+            raise BackendError(f"kubernetes: {what}: {e.status} {e.reason}") from None
+        except Exception as e:  # urllib3's connection errors: the API server is not reachable
+            raise BackendError(f"kubernetes: {what}: cannot reach the API server ({type(e).__name__})") from None
+
+
+def apply(objects: list[dict[str, Any]], api: _Api | None = None) -> str:
+    """Create the Service and Job; the Job's name."""
+    api = api or _Api()
+    name = ""
+    for obj in objects:
+        ns = obj["metadata"].get("namespace", "default")
+        if obj["kind"] == "Service":
+            api.call(f"create Service {obj['metadata']['name']}", api.core.create_namespaced_service, ns, obj)
+        elif obj["kind"] == "Job":
+            api.call(f"create Job {obj['metadata']['name']}", api.batch.create_namespaced_job, ns, obj)
+            name = obj["metadata"]["name"]
+    return name
+
+
+def status(name: str, namespace: str, api: _Api | None = None) -> RemoteStatus:
+    """The state of the Job `name` in stoker's words and Kubernetes'."""
+    from stoker.jobs.policy import CANCELLED, FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED
+
+    api = api or _Api()
+    try:
+        job = api.batch.read_namespaced_job_status(name, namespace)
+    except api.k8s.client.exceptions.ApiException as e:
+        if e.status == 404:
+            return RemoteStatus(CANCELLED, "the Job is gone (deleted)")
+        raise BackendError(f"kubernetes: read Job {name}: {e.status} {e.reason}") from None
+    except Exception as e:
+        raise BackendError(f"kubernetes: read Job {name}: cannot reach the API server ({type(e).__name__})") from None
+    conds = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
+    if "Complete" in conds:
+        return RemoteStatus(SUCCEEDED, "Complete", exit_code=0)
+    if "Failed" in conds:
+        return RemoteStatus(FAILED, "Failed", conds["Failed"].reason or "")
+    if job.spec.suspend:
+        # Kueue holds it: not admitted yet, or evicted (preempted) and waiting to run again.
+        evicted = "Suspended" in conds and job.status.start_time is not None
+        return RemoteStatus(PREEMPTED if evicted else PENDING, "Suspended",
+                            "evicted by Kueue; waits to run again" if evicted else "waiting for Kueue to admit it")
+    return RemoteStatus(RUNNING, "Running", f"{job.status.active or 0} pod(s) active")
+
+
+def logs(name: str, namespace: str, api: _Api | None = None) -> str:
+    api = api or _Api()
+    pods = api.call(f"list pods of Job {name}", api.core.list_namespaced_pod, namespace,
+                    label_selector=f"batch.kubernetes.io/job-name={name}")
+    out = []
+    for pod in sorted(pods.items, key=lambda p: p.metadata.name):
+        text = api.call(f"read log of {pod.metadata.name}", api.core.read_namespaced_pod_log, pod.metadata.name,
+                        namespace)
+        out.append(f"--- pod {pod.metadata.name}\n{text}")
+    return "".join(out)
+
+
+def cancel(name: str, namespace: str, api: _Api | None = None) -> None:
+    """Delete the Job (its pods get SIGTERM and their grace period) and its Service."""
+    api = api or _Api()
+    api.call(f"delete Job {name}", api.batch.delete_namespaced_job, name, namespace,
+             propagation_policy="Background")
+    api.call(f"delete Service {name}", api.core.delete_namespaced_service, name, namespace)
+
+
+def why(name: str, namespace: str, queue: str, api: _Api | None = None) -> list[str]:
+    """Kueue's answer: the Workload's condition message and the position in its LocalQueue
+    (Kueue's visibility API)."""
+    api = api or _Api()
+    lines = []
+    wls = api.call("list Kueue workloads", api.custom.list_namespaced_custom_object, "kueue.x-k8s.io", "v1beta2",
+                   namespace, "workloads")
+    for wl in wls.get("items", []):
+        owners = [o.get("name") for o in wl.get("metadata", {}).get("ownerReferences", [])]
+        if name not in owners:
+            continue
+        for c in wl.get("status", {}).get("conditions", []):
+            if c.get("type") in ("QuotaReserved", "Admitted", "Evicted", "Preempted") and c.get("message"):
+                lines.append(f"Kueue {c['type']}={c.get('status')}: {c['message']}")
+        try:
+            pending = api.custom.api_client.call_api(
+                f"/apis/visibility.kueue.x-k8s.io/v1beta1/namespaces/{namespace}/localqueues/{queue}/pendingworkloads",
+                "GET", response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True)
+            for item in pending.get("items", []):
+                if item.get("metadata", {}).get("name") == wl["metadata"]["name"]:
+                    lines.insert(0, f"position {item.get('positionInLocalQueue', 0) + 1} in LocalQueue {queue} "
+                                    f"({item.get('positionInClusterQueue', 0) + 1} in its ClusterQueue)")
+        except Exception:
+            lines.append("(Kueue's visibility API did not answer: no position)")
+    return lines or [f"Job {name}: no Kueue workload found for it (is Kueue installed, and the queue labels right?)"]
+
+
+class Backend:
+    """The verbs stoker.jobs.Client calls for a Kubernetes job (remote_id: the Job's name)."""
+
+    name = "Kubernetes"
+
+    def __init__(self, pool, api: _Api | None = None):
+        self.pool, self.cfg, self._api = pool, KubeConfig.from_dict(pool.kubernetes), api
+
+    @property
+    def api(self) -> _Api:
+        if self._api is None:
+            self._api = _Api()
+        return self._api
+
+    def submit(self, spec: JobSpec, job_id: int, job_dir) -> str:
+        objects = job_objects(spec, job_id, self.cfg)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "objects.yaml").write_text(to_yaml(objects))  # what was sent, for the record
+        return apply(objects, self.api)
+
+    def status(self, remote_id: str, spec: JobSpec) -> RemoteStatus:
+        return status(remote_id, self.cfg.namespace, self.api)
+
+    def why(self, remote_id: str, spec: JobSpec) -> list[str]:
+        return why(remote_id, self.cfg.namespace, spec.queue, self.api)
+
+    def cancel(self, remote_id: str, spec: JobSpec) -> None:
+        cancel(remote_id, self.cfg.namespace, self.api)
+
+    def logs(self, remote_id: str, spec: JobSpec) -> str | None:
+        return logs(remote_id, self.cfg.namespace, self.api)

@@ -31,12 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from stoker.config import ConfigError
+from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.policy import CANCELLED, FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED
 from stoker.jobs.spec import JobSpec
-
-
-class BackendError(ConfigError):
-    """The backend cannot be reached or refused the request; one line saying which and why."""
 
 
 @dataclass
@@ -57,15 +54,6 @@ class SlurmConfig:
             if not isinstance(d.get(key, {}), dict):
                 raise ConfigError(f"{where}.{key}: expected a table of priority class = name")
         return cls(**d)
-
-
-@dataclass
-class RemoteStatus:
-    state: str  # one of stoker's states
-    native: str  # Slurm's own state
-    reason: str = ""
-    exit_code: int | None = None
-    restarts: int = 0
 
 
 def _run(argv: list[str], what: str) -> str:
@@ -181,3 +169,27 @@ def why(slurm_id: str) -> list[str]:
 
 def cancel(slurm_id: str) -> None:
     _run(["scancel", slurm_id], f"scancel {slurm_id}")
+
+
+class Backend:
+    """The verbs stoker.jobs.Client calls for a Slurm job (its record's remote_id: Slurm's id)."""
+
+    name = "Slurm"
+
+    def __init__(self, pool):
+        self.pool, self.cfg = pool, SlurmConfig.from_dict(pool.slurm)
+
+    def submit(self, spec: JobSpec, job_id: int, job_dir: Path) -> str:
+        return submit(spec, job_id, self.cfg, job_dir, spec.grace if spec.grace is not None else self.pool.grace)
+
+    def status(self, remote_id: str, spec: JobSpec) -> RemoteStatus:
+        return status(remote_id)
+
+    def why(self, remote_id: str, spec: JobSpec) -> list[str]:
+        return why(remote_id)
+
+    def cancel(self, remote_id: str, spec: JobSpec) -> None:
+        cancel(remote_id)
+
+    def logs(self, remote_id: str, spec: JobSpec) -> str | None:
+        return None  # the sbatch output file is the job's log file: read where it lies
