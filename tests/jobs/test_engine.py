@@ -135,3 +135,29 @@ def test_on_a_gpu_host_each_job_sees_only_its_own_gpus(jobs_home, daemon):
     both = c.submit(command=[sys.executable, "-c", code, str(out)], slots=2)
     assert c.wait(both, timeout=30).state == "succeeded"
     assert out.read_text().split()[-1] == "4,5"
+
+
+def test_a_store_from_before_the_added_columns_opens_upgraded_and_keeps_its_jobs(tmp_path):
+    import re
+    import sqlite3
+
+    from stoker.jobs.store import ADDED_COLUMNS, SCHEMA, Store
+
+    old = SCHEMA
+    for col, decl in ADDED_COLUMNS:
+        old = re.sub(rf",\s*{col} {re.escape(decl)}", "", old)
+    table = old.split("CREATE TABLE IF NOT EXISTS events")[0]
+    assert not any(f" {col} " in table for col, _ in ADDED_COLUMNS)  # really the old table
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    db.executescript(old)
+    db.execute("INSERT INTO jobs (name, spec, queue, priority_class, priority, slots, preemptible, max_runtime, "
+               "retries, state, submitted, queued_at, updated) VALUES ('old', '{\"command\": [\"true\"]}', 'default', "
+               "'normal', 100, 1, 1, 0, 3, 'succeeded', 1, 1, 1)")
+    db.commit()
+    db.close()
+    c = Client(tmp_path, autostart=False)
+    have = {r[1] for r in c.store.db.execute("PRAGMA table_info(jobs)")}
+    assert {col for col, _ in ADDED_COLUMNS} <= have
+    assert [(j.name, j.state, j.backend) for j in c.list()] == [("old", "succeeded", "local")]
+    assert c.submit(command=["true"]) == 2
+    Store(tmp_path)  # opening it again changes nothing

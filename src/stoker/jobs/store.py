@@ -29,17 +29,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     restarts INTEGER NOT NULL DEFAULT 0, preemptions INTEGER NOT NULL DEFAULT 0, exit_code INTEGER,
     stopping TEXT NOT NULL DEFAULT '', stop_deadline REAL NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
     pid INTEGER, pid_start TEXT, attempt INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
-    finished REAL, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, slot_ids TEXT NOT NULL DEFAULT ''
+    finished REAL, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, slot_ids TEXT NOT NULL DEFAULT '',
+    backend TEXT NOT NULL DEFAULT 'local', remote_id TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
 CREATE TABLE IF NOT EXISTS events (
     job_id INTEGER NOT NULL, time REAL NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL
 );
+"""
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
 """
 
-# Columns added after the first version of the table (an older store gets them on opening).
+# Columns added after the first version of the table (an older store gets them on opening;
+# a new one has them from CREATE TABLE).
 ADDED_COLUMNS = [("seq", "INTEGER NOT NULL DEFAULT 0"), ("slot_ids", "TEXT NOT NULL DEFAULT ''"),
                  ("backend", "TEXT NOT NULL DEFAULT 'local'"), ("remote_id", "TEXT NOT NULL DEFAULT ''")]
 
@@ -105,10 +109,20 @@ class Store:
         # lose the last transactions, and never damages the database.
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.executescript(SCHEMA)
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-        for col, decl in ADDED_COLUMNS:  # a store made by an earlier version gains them, empty
-            if col not in have:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
+        self._upgrade()
+        self.db.executescript(INDEXES)
+
+    def _upgrade(self) -> None:
+        """A store made by an earlier version gains the columns added since, empty. Under the
+        write lock, so that clients opening it at once do not add a column twice."""
+        def missing() -> list[tuple[str, str]]:
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            return [(c, d) for c, d in ADDED_COLUMNS if c not in have]
+
+        if missing():
+            with self._tx() as db:
+                for col, decl in missing():
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()
