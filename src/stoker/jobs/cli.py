@@ -13,6 +13,8 @@ from stoker.jobs.policy import STATES
 EPILOG = """examples:
   stoker jobs submit --priority low --slots 1 -- stoker train --model.preset=tiny --train.out_dir=runs/a
   stoker jobs submit job.toml
+  stoker jobs submit --backend slurm --slots 8 --hosts 2 -- stoker train run.toml
+  stoker jobs kueue --out kueue.yaml
   stoker jobs list
   stoker jobs why 3
   stoker jobs logs 3 -f
@@ -27,9 +29,10 @@ are low (0), normal (100) and high (200). See docs/jobs.md."""
 def add_parser(sub) -> None:
     p = sub.add_parser("jobs", help="a team's job queue: submit, watch, cancel; priorities, quotas, preemption",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Queue jobs on this machine's slots. A job gets all its slots at once or waits; "
-                                   "a higher-priority job preempts lower ones (SIGTERM: `stoker train` checkpoints; "
-                                   "SIGKILL after the grace period) and they resume when admitted again.",
+                       description="Queue jobs on this machine's slots, or on Slurm or Kubernetes with Kueue "
+                                   "(--backend, or a queue's backend in queues.toml). A job gets all its slots at once "
+                                   "or waits; a higher-priority job preempts lower ones (SIGTERM: `stoker train` "
+                                   "checkpoints; SIGKILL after the grace period) and they resume when admitted again.",
                        epilog=EPILOG)
     p.add_argument("--home", default=None, help="the queue's directory (default $STOKER_JOBS_HOME or ~/.stoker/jobs)")
     verbs = p.add_subparsers(dest="verb", required=True)
