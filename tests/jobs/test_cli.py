@@ -51,6 +51,7 @@ def test_bad_job_specs_are_one_line_and_exit_2(capsys, tmp_path, spec, words):
     ("slots = 2\n[queues.a]\nnominal_quota = 3\n", ["nominal quotas add up to 3", "2"]),
     ("slots = 2\n[queues.a]\nquota = 1\n", ["queues.a.quota", "nominal_quota"]),
     ("slot = 2\n", ["unknown key 'slot'"]),
+    ("slots = 2\n[queues.a]\nnominal_quota = 1\nlending_limit = 2\n", ["lending_limit", "0 to nominal_quota (1)"]),
     ("[queues.a]\nnominal_quota = 1\nstrategy = 'lifo'\n", ["strategy", "strict_fifo"]),
     ("[scheduler]\ngrace = 'forever'\n", ["scheduler.grace", "duration"]),
 ])

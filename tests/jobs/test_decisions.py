@@ -40,6 +40,19 @@ def test_borrowing_within_the_cohort_and_its_limit():
     assert decide(lab(borrowing_limit=1), [waiting(i) for i in range(1, 6)], T0).admit == [1, 2, 3]
 
 
+def test_lending_limit_caps_what_others_borrow():
+    pool = pool_from_dict({"slots": 4, "queues": {"a": {"nominal_quota": 2, "cohort": "lab"},
+                                                  "b": {"nominal_quota": 2, "cohort": "lab", "lending_limit": 1}}})
+    # a may borrow only 1 of b's 2 idle slots; b keeps the other for itself.
+    assert decide(pool, [waiting(i) for i in range(1, 6)], T0).admit == [1, 2, 3]
+    jobs = [running(1), running(2), running(3), waiting(9, queue="b"), waiting(10, queue="b")]
+    assert decide(pool, jobs, T0).admit == [9]  # b's kept slot; its lent one is in use by a
+    assert pool.most_slots("a") == 3 and pool.most_slots("b") == 4
+    w = explain(pool, jobs, 10, T0)
+    # a holds all 3 shared slots (its own 2 and the 1 b lends); b's kept slot is still its own.
+    assert "cohort 'lab' uses 3 of 3 and can lend it 0 more" in w.text() and "it fits" not in w.text()
+
+
 @pytest.mark.parametrize("reclaim, victims", [("any", [(4, 9)]), ("lower_priority", []), ("never", [])])
 def test_reclaim_preempts_the_borrowers_newest_job(reclaim, victims):
     pool = lab(reclaim_within_cohort=reclaim)

@@ -20,7 +20,7 @@ KUEUE = json.loads((Path(__file__).parent / "data" / "kueue-v1beta2.json").read_
 POOL = {"slots": 8, "kubernetes": {"image": "registry.example/stoker:0.1", "namespace": "ml", "run_volume_claim": "runs"},
         "priorities": {"urgent": 500},
         "queues": {"team-a": {"nominal_quota": 4, "cohort": "lab", "borrowing_limit": 2},
-                   "team-b": {"nominal_quota": 4, "cohort": "lab", "strategy": "strict_fifo",
+                   "team-b": {"nominal_quota": 4, "cohort": "lab", "strategy": "strict_fifo", "lending_limit": 3,
                               "reclaim_within_cohort": "lower_priority", "within_queue": "never"}}}
 
 
@@ -66,6 +66,7 @@ def test_queues_become_valid_kueue_objects_that_say_what_queues_toml_says():
     quota = a["resourceGroups"][0]["flavors"][0]["resources"][0]
     assert quota == {"name": "nvidia.com/gpu", "nominalQuota": 4, "borrowingLimit": 2}
     assert a["cohortName"] == b["cohortName"] == "lab"
+    assert b["resourceGroups"][0]["flavors"][0]["resources"][0]["lendingLimit"] == 3
     assert a["preemption"] == {"withinClusterQueue": "LowerPriority", "reclaimWithinCohort": "Any"}
     assert b["preemption"] == {"withinClusterQueue": "Never", "reclaimWithinCohort": "LowerPriority"}
     assert (a["queueingStrategy"], b["queueingStrategy"]) == ("BestEffortFIFO", "StrictFIFO")

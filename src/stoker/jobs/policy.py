@@ -81,17 +81,24 @@ class _Usage:
         self.total += slots
 
     def cohort(self, q: QueueConfig) -> tuple[int, int]:
-        """(slots used, nominal quota) of q's cohort (q alone when it has none)."""
+        """(slots used, slots shared) of q's cohort's shared pool (q alone when it has none).
+        Each queue puts `lending_limit` of its quota in the pool (all of it by default) and keeps
+        the rest for itself; what a queue uses beyond the part it keeps comes from the pool."""
         members = self.pool.cohort_members(q)
-        return sum(self.by_queue.get(o.name, 0) for o in members), sum(o.nominal_quota for o in members)
+        used = sum(max(0, self.by_queue.get(o.name, 0) - o.kept) for o in members)
+        return used, sum(o.lendable for o in members)
+
+    def room(self, q: QueueConfig) -> int:
+        """The most slots a job of queue q could get now under the quota rules."""
+        used_q = self.by_queue.get(q.name, 0)
+        limit = float("inf") if q.borrowing_limit is None else q.nominal_quota + q.borrowing_limit
+        used, shared = self.cohort(q)
+        from_pool = shared - used + max(0, q.kept - used_q)
+        return int(max(0, min(limit - used_q, from_pool, self.pool.slots - self.total)))
 
     def fits(self, job: Job) -> bool:
         q = self.pool.queues.get(job.queue)
-        if q is None or self.total + job.slots > self.pool.slots:
-            return False
-        limit = float("inf") if q.borrowing_limit is None else q.nominal_quota + q.borrowing_limit
-        used, quota = self.cohort(q)
-        return self.by_queue.get(q.name, 0) + job.slots <= limit and used + job.slots <= quota
+        return q is not None and job.slots <= self.room(q)
 
     def borrowing(self, queue: str) -> bool:
         q = self.pool.queues.get(queue)
@@ -271,10 +278,10 @@ def explain(pool: PoolConfig, jobs: list[Job], job_id: int, now: float) -> Why:
     used_q = usage.by_queue.get(q.name, 0)
     line = f"queue {q.name!r} uses {used_q} of its nominal quota of {q.nominal_quota} slots"
     if q.cohort:
-        c_used, c_quota = usage.cohort(q)
-        lendable = max(0, c_quota - c_used - max(0, q.nominal_quota - used_q))
+        c_used, c_shared = usage.cohort(q)
+        lendable = max(0, usage.room(q) - max(0, q.nominal_quota - used_q))
         cap = "" if q.borrowing_limit is None else f", borrowing limit {q.borrowing_limit}"
-        line += f"; cohort {q.cohort!r} uses {c_used} of {c_quota} and can lend it {lendable} more{cap}"
+        line += f"; cohort {q.cohort!r} uses {c_used} of {c_shared} and can lend it {lendable} more{cap}"
     reasons.append(line)
     reasons.append(f"free slots in the pool: {pool.slots - usage.total} of {pool.slots}; the job needs {job.slots}")
     eff = effective_priority(job, pool, now)

@@ -144,16 +144,27 @@ def load_spec(path: str | Path) -> JobSpec:
 @dataclass
 class QueueConfig:
     """A queue (Kueue: a ClusterQueue). `nominal_quota` slots are its own; in a `cohort` it may
-    borrow what the others do not use, up to `borrowing_limit` (None: no limit)."""
+    borrow what the others do not use, up to `borrowing_limit` (None: no limit), and lends at
+    most `lending_limit` of its own (None: all it does not use)."""
 
     name: str
     nominal_quota: int
     cohort: str = ""
     borrowing_limit: int | None = None
+    lending_limit: int | None = None  # how much of its quota others may borrow (None: all of it)
     strategy: str = "best_effort_fifo"  # strict_fifo: a head that cannot start blocks the rest
     reclaim_within_cohort: str = "any"  # preempt others' borrowed jobs when taking back quota
     within_queue: str = "lower_priority"  # preempt this queue's lower-priority jobs
     backend: str = "local"  # where its jobs run: local, slurm or kubernetes
+
+    @property
+    def lendable(self) -> int:
+        return self.nominal_quota if self.lending_limit is None else min(self.lending_limit, self.nominal_quota)
+
+    @property
+    def kept(self) -> int:
+        """The part of its quota no other queue can borrow."""
+        return self.nominal_quota - self.lendable
 
 
 @dataclass
@@ -178,7 +189,7 @@ class PoolConfig:
     def most_slots(self, queue: str) -> int:
         """The most slots a job in `queue` could ever hold: its quota plus all it may borrow."""
         q = self.queues[queue]
-        cohort = sum(o.nominal_quota for o in self.cohort_members(q))
+        cohort = q.nominal_quota + sum(o.lendable for o in self.cohort_members(q) if o is not q)
         ceiling = cohort if q.borrowing_limit is None else min(cohort, q.nominal_quota + q.borrowing_limit)
         return min(ceiling, self.slots)
 
@@ -294,11 +305,14 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
         limit = q.get("borrowing_limit")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ConfigError(f"{w}.borrowing_limit: expected an integer >= 0, got {limit!r}")
+        lend = q.get("lending_limit")
+        if lend is not None and (isinstance(lend, bool) or not isinstance(lend, int) or not 0 <= lend <= quota):
+            raise ConfigError(f"{w}.lending_limit: expected an integer from 0 to nominal_quota ({quota}), got {lend!r}")
         cohort = q.get("cohort", "")
         if not isinstance(cohort, str):
             raise ConfigError(f"{w}.cohort: expected a name, got {cohort!r}")
         pool.queues[name] = QueueConfig(
-            name=name, nominal_quota=quota, cohort=cohort, borrowing_limit=limit,
+            name=name, nominal_quota=quota, cohort=cohort, borrowing_limit=limit, lending_limit=lend,
             strategy=_choice(q.get("strategy", "best_effort_fifo"), STRATEGIES, f"{w}.strategy"),
             reclaim_within_cohort=_choice(q.get("reclaim_within_cohort", "any"), RECLAIM, f"{w}.reclaim_within_cohort"),
             within_queue=_choice(q.get("within_queue", "lower_priority"), WITHIN, f"{w}.within_queue"),

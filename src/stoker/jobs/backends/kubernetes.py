@@ -5,7 +5,7 @@ Service that gives pod 0 a stable name for the torchrun rendezvous. Kueue's labe
 LocalQueue with a WorkloadPriorityClass; Kueue then admits it whole, and preempts it by deleting
 its pods: they get SIGTERM and `terminationGracePeriodSeconds` to checkpoint to the run volume,
 and the recreated pods resume from it. `render_kueue` turns queues.toml into the ResourceFlavor,
-ClusterQueues (quota, cohort, borrowing, preemption), LocalQueues and WorkloadPriorityClasses.
+ClusterQueues (quota, cohort, borrowing and lending limits, preemption), LocalQueues and WorkloadPriorityClasses.
 
 queues.toml's `[kubernetes]` table:
 
@@ -145,6 +145,8 @@ def kueue_objects(pool: PoolConfig, cfg: KubeConfig) -> list[dict[str, Any]]:
         quota: dict[str, Any] = {"name": cfg.slot_resource, "nominalQuota": q.nominal_quota}
         if q.borrowing_limit is not None:
             quota["borrowingLimit"] = q.borrowing_limit
+        if q.lending_limit is not None:
+            quota["lendingLimit"] = q.lending_limit
         spec: dict[str, Any] = {
             "namespaceSelector": {},
             "queueingStrategy": _STRATEGY[q.strategy],
