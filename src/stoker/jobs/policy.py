@@ -73,20 +73,31 @@ class _Usage:
         self.pool = pool
         self.by_queue = {q: 0 for q in pool.queues}
         self.total = 0
+        # Per cohort (a queue alone is its own): slots it shares, and how many of them are used.
+        self.shared: dict[str, int] = {}
+        for q in pool.queues.values():
+            self.shared[self._key(q)] = self.shared.get(self._key(q), 0) + q.lendable
+        self.pool_used = {k: 0 for k in self.shared}
         for j in jobs:
             self.add(j, j.slots)
 
+    @staticmethod
+    def _key(q: QueueConfig) -> str:
+        return f"cohort:{q.cohort}" if q.cohort else f"queue:{q.name}"
+
     def add(self, job: Job, slots: int) -> None:
-        self.by_queue[job.queue] = self.by_queue.get(job.queue, 0) + slots
+        before = self.by_queue.get(job.queue, 0)
+        self.by_queue[job.queue] = before + slots
         self.total += slots
+        q = self.pool.queues.get(job.queue)
+        if q is not None:  # what it uses beyond the part of its quota it keeps comes from the pool
+            self.pool_used[self._key(q)] += max(0, before + slots - q.kept) - max(0, before - q.kept)
 
     def cohort(self, q: QueueConfig) -> tuple[int, int]:
         """(slots used, slots shared) of q's cohort's shared pool (q alone when it has none).
         Each queue puts `lending_limit` of its quota in the pool (all of it by default) and keeps
         the rest for itself; what a queue uses beyond the part it keeps comes from the pool."""
-        members = self.pool.cohort_members(q)
-        used = sum(max(0, self.by_queue.get(o.name, 0) - o.kept) for o in members)
-        return used, sum(o.lendable for o in members)
+        return self.pool_used[self._key(q)], self.shared[self._key(q)]
 
     def room(self, q: QueueConfig) -> int:
         """The most slots a job of queue q could get now under the quota rules."""
@@ -98,7 +109,7 @@ class _Usage:
 
     def fits(self, job: Job) -> bool:
         q = self.pool.queues.get(job.queue)
-        return q is not None and job.slots <= self.room(q)
+        return q is not None and self.total + job.slots <= self.pool.slots and job.slots <= self.room(q)
 
     def borrowing(self, queue: str) -> bool:
         q = self.pool.queues.get(queue)
