@@ -54,6 +54,8 @@ def test_bad_job_specs_are_one_line_and_exit_2(capsys, tmp_path, spec, words):
     ("slots = 2\n[queues.a]\nnominal_quota = 1\nlending_limit = 2\n", ["lending_limit", "0 to nominal_quota (1)"]),
     ("[queues.a]\nnominal_quota = 1\nstrategy = 'lifo'\n", ["strategy", "strict_fifo"]),
     ("[scheduler]\ngrace = 'forever'\n", ["scheduler.grace", "duration"]),
+    ("[scheduler]\npatience = 1\n", ["scheduler.patience: unknown", "aging_per_hour, grace, retry_pause"]),
+    ("[slurm]\nport = 0\n", ["slurm.port", "1-65535"]),
 ])
 def test_bad_queues_toml_is_one_line_and_exit_2(capsys, tmp_path, pool, words):
     (tmp_path / "queues.toml").write_text(pool)

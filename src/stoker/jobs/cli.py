@@ -117,11 +117,37 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1:]
 
 
+FIELDS = ("name", "queue", "priority", "slots", "hosts", "cpus", "memory", "gpus", "max_runtime", "retries", "grace",
+          "preemptible", "workdir")
+
+
+def _spec(args: argparse.Namespace):
+    """The job `submit` and `manifest` were given: SPEC.toml or the command after --, with the
+    options given overriding its fields."""
+    from stoker.jobs.spec import JobSpec, load_spec
+
+    fields = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    env = getattr(args, "env", None)
+    if env:
+        bad = [e for e in env if "=" not in e]
+        if bad:
+            raise ConfigError(f"--env: expected NAME=VALUE, got {bad[0]!r}")
+        fields["env"] = dict(e.split("=", 1) for e in env)
+    if args.spec and args.job_command:
+        raise ConfigError("give a SPEC.toml or a command after --, not both")
+    if args.spec:
+        spec = load_spec(args.spec)
+        return JobSpec.from_dict({**spec.to_dict(), **fields}, args.spec) if fields else spec
+    if args.job_command:
+        return JobSpec.from_dict({"command": args.job_command, **fields}, args.verb)
+    raise ConfigError(f"give a SPEC.toml, or the command after --: stoker jobs {args.verb} -- stoker train ...")
+
+
 def _render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoker.jobs.backends import kubernetes as k8s
-    from stoker.jobs.spec import JobSpec, load_pool, load_spec
+    from stoker.jobs.spec import load_pool
     from stoker.jobs.store import default_home
 
     home = Path(args.home) if args.home else default_home()
@@ -130,21 +156,8 @@ def _render(args: argparse.Namespace) -> int:
     if args.verb == "kueue":
         objects = k8s.kueue_objects(pool, cfg)
     else:
-        fields = {k: getattr(args, k) for k in ("name", "queue", "priority", "slots", "hosts", "cpus", "memory",
-                                                 "gpus", "max_runtime", "retries", "grace") if getattr(args, k) is not None}
-        if args.spec and args.job_command:
-            raise ConfigError("give a SPEC.toml or a command after --, not both")
-        if args.spec:
-            spec = load_spec(args.spec)
-            spec = JobSpec.from_dict({**spec.to_dict(), **fields}, args.spec) if fields else spec
-        elif args.job_command:
-            spec = JobSpec.from_dict({"command": args.job_command, **fields}, "manifest")
-        else:
-            raise ConfigError("give a SPEC.toml, or the command after --: stoker jobs manifest -- stoker train ...")
-        if spec.queue not in pool.queues:
-            raise ConfigError(f"queue: no queue {spec.queue!r}; queues are: {', '.join(pool.queues)}")
-        if spec.priority not in pool.priorities:
-            raise ConfigError(f"priority: no class {spec.priority!r}; classes are: {', '.join(pool.priorities)}")
+        spec = _spec(args)
+        pool.check(spec, backend="kubernetes")  # its queue and priority class exist
         objects = k8s.job_objects(spec, args.id, cfg)
     text = k8s.to_yaml(objects)
     if args.out:
@@ -178,23 +191,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     client = Client(args.home)
     con = Console()
     if args.verb == "submit":
-        fields = {k: getattr(args, k) for k in ("name", "queue", "priority", "slots", "hosts", "cpus", "memory",
-                                                 "gpus", "max_runtime", "retries", "grace", "preemptible", "workdir")
-                  if getattr(args, k) is not None}
-        if args.env:
-            bad = [e for e in args.env if "=" not in e]
-            if bad:
-                raise ConfigError(f"--env: expected NAME=VALUE, got {bad[0]!r}")
-            fields["env"] = dict(e.split("=", 1) for e in args.env)
-        command = args.job_command
-        if command and args.spec:
-            raise ConfigError("give a SPEC.toml or a command after --, not both")
-        if args.spec:
-            job_id = client.submit(args.spec, backend=args.backend, **fields)
-        elif command:
-            job_id = client.submit(command=command, backend=args.backend, **fields)
-        else:
-            raise ConfigError("give a SPEC.toml, or the command after --: stoker jobs submit -- stoker train ...")
+        job_id = client.submit(_spec(args), backend=args.backend)
         _print_json({"id": job_id}) if args.json else print(job_id)
         return 0
     if args.verb == "list":

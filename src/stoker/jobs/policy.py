@@ -116,11 +116,17 @@ class _Usage:
         return q is None or self.by_queue.get(queue, 0) > q.nominal_quota
 
 
+def order_key(pool: PoolConfig, now: float):
+    """Sort key of waiting jobs: highest effective priority (aging included) first, then oldest.
+    (effective_priority inlined: this runs for every waiting job of every pass.)"""
+    rate = pool.aging_per_hour / 3600.0
+    return lambda j: (-(j.priority + rate * max(0.0, now - j.queued_at)), j.submitted, j.id)
+
+
 def queue_order(pool: PoolConfig, jobs: list[Job], now: float) -> list[Job]:
     """The jobs that may start now (waiting, not backing off), in the order they are considered."""
     ready = [j for j in jobs if j.state in WAITING and j.backoff_until <= now and j.queue in pool.queues]
-    rate = pool.aging_per_hour / 3600.0
-    return sorted(ready, key=lambda j: (-(j.priority + rate * max(0.0, now - j.queued_at)), j.submitted, j.id))
+    return sorted(ready, key=order_key(pool, now))
 
 
 def decide(pool: PoolConfig, jobs: list[Job], now: float) -> Decision:
@@ -275,9 +281,7 @@ def explain(pool: PoolConfig, jobs: list[Job], job_id: int, now: float) -> Why:
     if job.queue not in pool.queues:
         return Why(job.id, job.state, None, [], [f"queue {job.queue!r} is no longer in queues.toml: it cannot start "
                                                   f"until the queue is back; queues are {', '.join(pool.queues)}"])
-    rate = pool.aging_per_hour / 3600.0
-    key = lambda j: (-(j.priority + rate * max(0.0, now - j.queued_at)), j.submitted, j.id)  # noqa: E731
-    mine = sorted((j for j in jobs if j.state in WAITING and j.queue == job.queue), key=key)
+    mine = sorted((j for j in jobs if j.state in WAITING and j.queue == job.queue), key=order_key(pool, now))
     ahead = [j.id for j in mine[:mine.index(job)]]
     reasons = [f"position {len(ahead) + 1} of {len(mine)} waiting in queue {job.queue!r}"]
     if job.backoff_until > now:

@@ -44,6 +44,18 @@ def parse_duration(value: Any, name: str) -> float:
     return s
 
 
+def check_keys(d: dict[str, Any], known: set[str], where: str) -> None:
+    """ConfigError naming the first key of table `where` that is not in `known`."""
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ConfigError(f"{where}.{bad[0]}: unknown; keys are: {', '.join(sorted(known))}")
+
+
+def check_port(port: Any, where: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: expected 1-65535, got {port!r}")
+
+
 def parse_memory(value: Any, name: str = "memory") -> int:
     """Bytes from 1073741824, "512MiB", "8G", "8GiB"."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -274,6 +286,7 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
         SlurmConfig.from_dict(d["slurm"], f"{where}: slurm")
         pool.slurm = dict(d["slurm"])
     sched = dict(d.get("scheduler", {}))
+    check_keys(sched, {"aging_per_hour", "grace", "retry_pause"}, f"{where}: scheduler")
     for key in ("grace", "retry_pause"):
         if key in sched:
             setattr(pool, key, parse_duration(sched.pop(key), f"{where}: scheduler.{key}"))
@@ -282,8 +295,6 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ConfigError(f"{where}: scheduler.aging_per_hour: expected a number >= 0, got {v!r}")
         pool.aging_per_hour = float(v)
-    if sched:
-        raise ConfigError(f"{where}: scheduler.{sorted(sched)[0]}: unknown; keys are: aging_per_hour, grace, retry_pause")
     for name, value in d.get("priorities", {}).items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: priorities.{name}: expected an integer (higher runs first), got {value!r}")
@@ -296,9 +307,7 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
         w = f"{where}: queues.{name}"
         if not isinstance(q, dict):
             raise ConfigError(f"{w}: expected a table with nominal_quota = N")
-        bad = sorted(set(q) - known)
-        if bad:
-            raise ConfigError(f"{w}.{bad[0]}: unknown; keys are: {', '.join(sorted(known))}")
+        check_keys(q, known, w)
         quota = q.get("nominal_quota")
         if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
             raise ConfigError(f"{w}.nominal_quota: expected an integer >= 0 (slots), got {quota!r}")

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from stoker.config import ConfigError
 from stoker.jobs.backends import BackendError, RemoteStatus
-from stoker.jobs.spec import JobSpec, PoolConfig
+from stoker.jobs.spec import JobSpec, PoolConfig, check_keys, check_port
 
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -46,14 +46,10 @@ class KubeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "queues.toml: kubernetes") -> "KubeConfig":
-        known = {"namespace", "image", "slot_resource", "run_volume_claim", "port"}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"{where}.{bad[0]}: unknown; keys are: {', '.join(sorted(known))}")
+        check_keys(d, {f.name for f in fields(cls)}, where)
         cfg = cls(**d)
         dns_name(cfg.namespace, f"{where}.namespace")
-        if isinstance(cfg.port, bool) or not isinstance(cfg.port, int) or not 1 <= cfg.port <= 65535:
-            raise ConfigError(f"{where}.port: expected 1-65535, got {cfg.port!r}")
+        check_port(cfg.port, f"{where}.port")
         return cfg
 
 

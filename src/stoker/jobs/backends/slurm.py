@@ -26,14 +26,14 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from stoker.config import ConfigError
 from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.policy import CANCELLED, FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED
-from stoker.jobs.spec import JobSpec
+from stoker.jobs.spec import JobSpec, check_keys, check_port
 
 
 @dataclass
@@ -46,14 +46,13 @@ class SlurmConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "queues.toml: slurm") -> "SlurmConfig":
-        known = {"partition", "partitions", "qos", "account", "port"}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"{where}.{bad[0]}: unknown; keys are: {', '.join(sorted(known))}")
+        check_keys(d, {f.name for f in fields(cls)}, where)
         for key in ("partitions", "qos"):
             if not isinstance(d.get(key, {}), dict):
                 raise ConfigError(f"{where}.{key}: expected a table of priority class = name")
-        return cls(**d)
+        cfg = cls(**d)
+        check_port(cfg.port, f"{where}.port")
+        return cfg
 
 
 def _run(argv: list[str], what: str) -> str:
