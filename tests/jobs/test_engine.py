@@ -161,3 +161,16 @@ def test_a_store_from_before_the_added_columns_opens_upgraded_and_keeps_its_jobs
     assert [(j.name, j.state, j.backend) for j in c.list()] == [("old", "succeeded", "local")]
     assert c.submit(command=["true"]) == 2
     Store(tmp_path)  # opening it again changes nothing
+
+
+def test_a_broken_queues_toml_edit_keeps_the_last_good_pool(jobs_home, daemon):
+    (jobs_home / "queues.toml").write_text("slots = 1\n")
+    c = Client(jobs_home, autostart=False)
+    first = c.submit(command=["sleep", "1"])
+    second = c.submit(command=["true"])
+    daemon.start()
+    c.wait(first, timeout=30, states=("running",))
+    (jobs_home / "queues.toml").write_text("slots = 'one'\n")  # a typo while jobs wait
+    assert c.wait(first, timeout=30).state == "succeeded"
+    assert c.wait(second, timeout=30).state == "succeeded"  # scheduled under the last good pool
+    assert "queues.toml not applied, keeping the previous pool" in (jobs_home / "daemon.log").read_text()
