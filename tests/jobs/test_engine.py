@@ -44,6 +44,22 @@ def test_scheduler_killed_with_sigkill_loses_nothing_and_runs_nothing_twice(jobs
     assert len(adopted) == len(ids)
 
 
+def test_a_start_cut_short_by_a_scheduler_kill_is_not_counted_as_an_attempt(jobs_home, daemon):
+    # The moment between recording the admission and starting the shim, made exact: the store
+    # says admitted (attempt 1) and no process exists, as after a SIGKILL there.
+    from stoker.jobs.policy import WAITING
+
+    (jobs_home / "queues.toml").write_text("slots = 1\n")
+    ledger = jobs_home / "ledger"
+    c = Client(jobs_home, autostart=False)
+    j = c.submit(command=[sys.executable, "-c", RECORD, str(ledger), "0"], retries=0)
+    assert c.store.update(j, WAITING, "admitted (attempt 1)", state="admitted", attempt=1, slot_ids="0")
+    daemon.start()
+    s = c.wait(j, timeout=60)
+    assert (s.state, s.attempt, s.restarts) == ("succeeded", 1, 0) and ledger.read_text() == f"{j} 1\n"
+    assert any("start interrupted" in e.detail for e in s.history)
+
+
 def test_400_concurrent_submissions_none_lost_none_doubled(jobs_home):
     code = ("import sys; from stoker.jobs import Client; c = Client(sys.argv[1], autostart=False); "
             "[c.submit(command=['true'], name=f'{sys.argv[2]}-{k}') for k in range(50)]")

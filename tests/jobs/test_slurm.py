@@ -73,7 +73,7 @@ def test_an_unreachable_slurm_keeps_the_job_on_record_for_resubmission(slurm, tm
     monkeypatch.undo()
     assert c.resubmit(1) == 1
     assert c.wait(1, timeout=60).state == "succeeded"
-    with pytest.raises(ConfigError, match="submitted already"):
+    with pytest.raises(ConfigError, match="is succeeded on slurm as .*only a job that failed or was cancelled"):
         c.resubmit(1)
 
 

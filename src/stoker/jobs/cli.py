@@ -9,11 +9,13 @@ import time
 
 from stoker.config import ConfigError
 from stoker.jobs.policy import STATES
+from stoker.jobs.spec import BACKENDS
 
 EPILOG = """examples:
   stoker jobs submit --priority low --slots 1 -- stoker train --model.preset=tiny --train.out_dir=runs/a
   stoker jobs submit job.toml
   stoker jobs submit --backend slurm --slots 8 --hosts 2 -- stoker train run.toml
+  stoker jobs submit --backend ray --cpus 4 -- stoker prepare --out data corpus/
   stoker jobs kueue --out kueue.yaml
   stoker jobs list
   stoker jobs why 3
@@ -29,7 +31,7 @@ are low (0), normal (100) and high (200). See docs/jobs.md."""
 def add_parser(sub) -> None:
     p = sub.add_parser("jobs", help="a team's job queue: submit, watch, cancel; priorities, quotas, preemption",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Queue jobs on this machine's slots, or on Slurm or Kubernetes with Kueue "
+                       description="Queue jobs on this machine's slots, or on Slurm, Kubernetes with Kueue or Ray "
                                    "(--backend, or a queue's backend in queues.toml). A job gets all its slots at once "
                                    "or waits; a higher-priority job preempts lower ones (SIGTERM: `stoker train` "
                                    "checkpoints; SIGKILL after the grace period) and they resume when admitted again.",
@@ -58,7 +60,7 @@ def add_parser(sub) -> None:
                    help="never preempt this job")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable")
     s.add_argument("--workdir", help="directory to run in (default: here)")
-    s.add_argument("--backend", choices=("local", "slurm", "kubernetes"), default=None,
+    s.add_argument("--backend", choices=BACKENDS, default=None,
                    help="where it runs (default: the queue's backend in queues.toml, else local)")
     s.add_argument("--json", action="store_true", help="print {\"id\": N}")
 
@@ -77,7 +79,7 @@ def add_parser(sub) -> None:
     lg = verbs.add_parser("logs", help="a job's output (every attempt)")
     lg.add_argument("id", type=int)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
-    rs = verbs.add_parser("resubmit", help="send a job whose cluster could not be reached again")
+    rs = verbs.add_parser("resubmit", help="send a cluster job again: one its cluster never got, or one that ended (stopped, failed); a training job resumes from its checkpoint")
     rs.add_argument("id", type=int)
     c = verbs.add_parser("cancel", help="cancel a job (a running one gets SIGTERM, then SIGKILL after the grace)")
     c.add_argument("id", type=int, nargs="+")

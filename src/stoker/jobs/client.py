@@ -61,7 +61,7 @@ class Client:
 
     def submit(self, spec: JobSpec | str | Path | None = None, backend: str | None = None, **fields) -> int:
         """Queue a job: a JobSpec, a spec TOML file, or JobSpec's fields as keywords. Its id.
-        `backend` (default: the queue's, else local): local, slurm or kubernetes."""
+        `backend` (default: the queue's, else local): local, slurm, kubernetes or ray."""
         if spec is None:
             spec = JobSpec.from_dict(fields, "submit")
         else:
@@ -104,12 +104,19 @@ class Client:
         self.store.update(job_id, WAITING, f"submitted to {remote.name} as {remote_id}", remote_id=remote_id)
 
     def resubmit(self, job_id: int) -> int:
-        """Send a job that never reached its cluster (its backend was unreachable) again."""
-        info = self.store.get(job_id, history=False)
-        if info.backend == "local" or info.remote_id:
-            raise ConfigError(f"job {job_id} was submitted already ({info.backend}"
-                              + (f" job {info.remote_id}" if info.remote_id else "") + "): submit it anew instead")
-        self.store.update(job_id, (policy.FAILED,), "resubmitting", state=policy.PENDING, reason="", finished=None)
+        """Send a cluster job again under the same id: one whose cluster could not be reached, or
+        one that ended there (stopped, failed); a training job resumes from its checkpoint."""
+        info = self._refresh(self.store.get(job_id, history=False))
+        if info.backend == "local":
+            raise ConfigError(f"job {job_id} runs on this machine's queue, which retries and requeues it itself: "
+                              "submit it anew instead")
+        if info.state not in (policy.FAILED, CANCELLED):
+            raise ConfigError(f"job {job_id} is {info.state} on {info.backend}"
+                              + (f" as {info.remote_id}" if info.remote_id else "")
+                              + ": only a job that failed or was cancelled is sent again")
+        was = f" (was {info.remote_id})" if info.remote_id else ""
+        self.store.update(job_id, (info.state,), f"resubmitting{was}", state=policy.PENDING, reason="",
+                          finished=None, exit_code=None, remote_id="")
         self._send(job_id, info.spec, self.pool())
         return job_id
 
@@ -154,7 +161,10 @@ class Client:
         if info.state in DONE:
             raise ConfigError(f"job {job_id} already {info.state}")
         if info.backend != "local" and info.remote_id:
-            self._remote(info).cancel(info.remote_id, info.spec)
+            settled = self._remote(info).cancel(info.remote_id, info.spec)
+            if settled:  # the cluster takes it back later, but it will never run: cancelled here now
+                self.store.update(job_id, (info.state,), settled, state=CANCELLED, reason=settled,
+                                  finished=time.time())
             return self.status(job_id).state
         if self.store.update(job_id, WAITING, "cancelled while waiting", state=CANCELLED, reason="cancelled",
                              finished=time.time()):

@@ -183,9 +183,11 @@ class Engine:
         except (OSError, ValueError, KeyError):
             code = None
         if j.state == ADMITTED and code is None and not j.stopping:
-            # The scheduler stopped between admitting and starting it: nothing ran, nothing failed.
+            # The scheduler stopped between admitting and starting it: nothing ran, nothing failed,
+            # and the attempt it was to be does not count.
             self.store.update(j.id, (ADMITTED,), "start interrupted by a scheduler restart: back in the queue",
-                              now=now, state=policy.PENDING, queued_at=now, reason="start interrupted", slot_ids="")
+                              now=now, state=policy.PENDING, queued_at=now, reason="start interrupted", slot_ids="",
+                              attempt=max(0, info.attempt - 1))
             return
         out = policy.after_exit(j, code, pool, now, info.preemptions)
         ran = policy.runtime(j, now) if j.state == RUNNING else j.runtime_used

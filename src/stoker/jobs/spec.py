@@ -22,7 +22,7 @@ PRIORITIES = {"low": 0, "normal": 100, "high": 200}
 STRATEGIES = ("best_effort_fifo", "strict_fifo")
 RECLAIM = ("any", "lower_priority", "never")
 WITHIN = ("lower_priority", "never")
-BACKENDS = ("local", "slurm", "kubernetes")
+BACKENDS = ("local", "slurm", "kubernetes", "ray")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BYTES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -95,6 +95,8 @@ class JobSpec:
             raise ConfigError(f"command: expected a non-empty list of strings, e.g. ['stoker', 'train', "
                               f"'--train.steps=100'], got {self.command!r}")
         self.command = list(self.command)
+        if isinstance(self.workdir, os.PathLike):
+            self.workdir = os.fspath(self.workdir)
         for key in ("name", "queue", "priority", "workdir"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key}: expected a string, got {getattr(self, key)!r}")
@@ -167,7 +169,7 @@ class QueueConfig:
     strategy: str = "best_effort_fifo"  # strict_fifo: a head that cannot start blocks the rest
     reclaim_within_cohort: str = "any"  # preempt others' borrowed jobs when taking back quota
     within_queue: str = "lower_priority"  # preempt this queue's lower-priority jobs
-    backend: str = "local"  # where its jobs run: local, slurm or kubernetes
+    backend: str = "local"  # where its jobs run: local, slurm, kubernetes or ray
 
     @property
     def lendable(self) -> int:
@@ -194,6 +196,7 @@ class PoolConfig:
     memory: int = 0  # bytes on this host (0: unknown)
     kubernetes: dict[str, Any] = field(default_factory=dict)  # [kubernetes]: see backends/kubernetes.py
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: see backends/slurm.py
+    ray: dict[str, Any] = field(default_factory=dict)  # [ray]: see backends/ray.py
 
     def cohort_members(self, q: QueueConfig) -> list[QueueConfig]:
         return [o for o in self.queues.values() if q.cohort and o.cohort == q.cohort] or [q]
@@ -266,7 +269,7 @@ def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
 def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
     """A PoolConfig from queues.toml's content (an empty dict: one queue `default` of every slot)."""
     gpus, cores, memory = host_resources()
-    top = {"slots", "scheduler", "priorities", "queues", "kubernetes", "slurm"}
+    top = {"slots", "scheduler", "priorities", "queues", "kubernetes", "slurm", "ray"}
     unknown = sorted(set(d) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys are: {', '.join(sorted(top))}")
@@ -285,6 +288,11 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
 
         SlurmConfig.from_dict(d["slurm"], f"{where}: slurm")
         pool.slurm = dict(d["slurm"])
+    if "ray" in d:
+        from stoker.jobs.backends.ray import RayConfig
+
+        RayConfig.from_dict(d["ray"], f"{where}: ray")
+        pool.ray = dict(d["ray"])
     sched = dict(d.get("scheduler", {}))
     check_keys(sched, {"aging_per_hour", "grace", "retry_pause"}, f"{where}: scheduler")
     for key in ("grace", "retry_pause"):

@@ -1,4 +1,4 @@
-"""Cluster engines a job can run on besides the local one: Slurm, Kubernetes with Kueue.
+"""Cluster engines a job can run on besides the local one: Slurm, Kubernetes with Kueue, Ray.
 
 Each module has a `Backend` with the same verbs (submit, status, why, cancel, logs) that
 stoker.jobs.Client calls for jobs whose record names that backend."""
@@ -29,6 +29,8 @@ def backend(name: str, pool):
         from stoker.jobs.backends.slurm import Backend
     elif name == "kubernetes":
         from stoker.jobs.backends.kubernetes import Backend
+    elif name == "ray":
+        from stoker.jobs.backends.ray import Backend
     else:
-        raise ConfigError(f"backend: no backend {name!r}; backends are: local, slurm, kubernetes")
+        raise ConfigError(f"backend: no backend {name!r}; backends are: local, slurm, kubernetes, ray")
     return Backend(pool)
