@@ -17,6 +17,23 @@ from stoker.jobs.spec import JobSpec, pool_from_dict
 
 K8S_VERSION = "1.33"
 KUEUE = json.loads((Path(__file__).parent / "data" / "kueue-v1beta2.json").read_text())["schemas"]
+JOBSET = json.loads((Path(__file__).parent / "data" / "jobset-v1alpha2.json").read_text())["schemas"]["JobSet"]
+
+
+def unknown_fields(obj, schema, path=""):
+    """Keys of `obj` the schema does not name, where it names its fields (CRD schemas allow
+    unknown fields by default; the API server prunes them, so a typo would vanish silently)."""
+    out = []
+    if isinstance(obj, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for k, v in obj.items():
+            if k not in schema["properties"]:
+                out.append(f"{path}.{k}")
+            else:
+                out += unknown_fields(v, schema["properties"][k], f"{path}.{k}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, v in enumerate(obj):
+            out += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return out
 POOL = {"slots": 8, "kubernetes": {"image": "registry.example/stoker:0.1", "namespace": "ml", "run_volume_claim": "runs"},
         "priorities": {"urgent": 500},
         "queues": {"team-a": {"nominal_quota": 4, "cohort": "lab", "borrowing_limit": 2},
@@ -55,12 +72,46 @@ def test_a_two_host_job_is_a_valid_indexed_job_with_its_rendezvous():
     assert service["spec"]["selector"] == {"stoker/job": name} == {"stoker/job": s["template"]["metadata"]["labels"]["stoker/job"]}
 
 
+def test_a_queue_that_says_jobset_gets_a_valid_jobset():
+    pool = pool_from_dict({**POOL, "queues": {**POOL["queues"], "team-a": {**POOL["queues"]["team-a"],
+                                                                           "workload": "jobset"}}})
+    cfg = KubeConfig.from_dict(POOL["kubernetes"])
+    [js] = job_objects(train_spec(slots=8, hosts=2, max_runtime="2h", grace="120s"), 7, cfg,
+                       pool.queues["team-a"].workload)
+    jsonschema.validate(js, JOBSET)
+    assert unknown_fields(js, JOBSET) == []
+    name = js["metadata"]["name"]
+    assert (js["apiVersion"], js["kind"], name) == ("jobset.x-k8s.io/v1alpha2", "JobSet", "big-run-7")
+    labels = js["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "low"
+    s = js["spec"]
+    assert s["suspend"] is True and s["failurePolicy"] == {"maxRestarts": 3}
+    # The JobSet controller makes the headless Service: pods are NAME-node-0-K.NAME.
+    assert s["network"] == {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True}
+    [rj] = s["replicatedJobs"]
+    assert (rj["name"], rj["replicas"]) == ("node", 1)
+    # The Job it stamps out is a valid batch/v1 Job: one pod per host, indexed, failing fast
+    # (the JobSet restarts all hosts together).
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{name}-node-0"}, "spec": rj["template"]["spec"]}
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    j = rj["template"]["spec"]
+    assert (j["completionMode"], j["completions"], j["parallelism"], j["backoffLimit"]) == ("Indexed", 2, 2, 0)
+    assert j["activeDeadlineSeconds"] == 7200 and j["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert j["template"]["spec"]["containers"][0]["command"][-1] == f"--master={name}-node-0-0.{name}.ml.svc:29500"
+    # The checks catch a wrong field: neither is vacuous.
+    assert unknown_fields({**js, "spec": {**s, "maxRestarts": 3}}, JOBSET) == [".spec.maxRestarts"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**js, "spec": {**s, "replicatedJobs": [{**rj, "replicas": "one"}]}}, JOBSET)
+    with pytest.raises(ConfigError, match="workload: expected one of job, jobset"):
+        pool_from_dict({"queues": {"a": {"nominal_quota": 1, "workload": "pytorchjob"}}})
+
+
 def test_queues_become_valid_kueue_objects_that_say_what_queues_toml_says():
     pool = pool_from_dict(POOL)
     objects = kueue_objects(pool, KubeConfig.from_dict(POOL["kubernetes"]))
     for obj in objects:
         jsonschema.validate(obj, KUEUE[obj["kind"]])
-        assert obj["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+        assert obj["apiVersion"] == "kueue.x-k8s.io/v1beta2" and unknown_fields(obj, KUEUE[obj["kind"]]) == []
     by = {(o["kind"], o["metadata"]["name"]): o for o in objects}
     a, b = by[("ClusterQueue", "team-a")]["spec"], by[("ClusterQueue", "team-b")]["spec"]
     quota = a["resourceGroups"][0]["flavors"][0]["resources"][0]

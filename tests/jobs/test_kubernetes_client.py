@@ -22,7 +22,7 @@ class FakeApi:
     def __init__(self):
         self.k8s = kubernetes
         self.calls = []
-        self.jobs, self.pods, self.workloads, self.pending = {}, {}, [], []
+        self.jobs, self.jobsets, self.pods, self.workloads, self.pending = {}, {}, {}, [], []
         rec = self._rec
         self.core = NS(create_namespaced_service=rec("create_service"), delete_namespaced_service=rec("delete_service"),
                        list_namespaced_pod=rec("list_pods", lambda ns, label_selector: NS(items=[
@@ -31,6 +31,9 @@ class FakeApi:
         self.batch = NS(create_namespaced_job=rec("create_job"), delete_namespaced_job=rec("delete_job"),
                         read_namespaced_job_status=rec("read_job", self._job))
         self.custom = NS(list_namespaced_custom_object=rec("list_workloads", lambda *a: {"items": self.workloads}),
+                         create_namespaced_custom_object=rec("create_custom"),
+                         delete_namespaced_custom_object=rec("delete_custom"),
+                         get_namespaced_custom_object_status=rec("read_jobset", self._jobset),
                          api_client=NS(call_api=rec("visibility", lambda path, method, **kw: {"items": self.pending})))
 
     def _rec(self, what, answer=None):
@@ -44,7 +47,12 @@ class FakeApi:
             raise kubernetes.client.exceptions.ApiException(status=404, reason="Not Found")
         return self.jobs[name]
 
-    call = k8s._Api.call
+    def _jobset(self, group, version, ns, plural, name):
+        if name not in self.jobsets:
+            raise kubernetes.client.exceptions.ApiException(status=404, reason="Not Found")
+        return self.jobsets[name]
+
+    call, read = k8s._Api.call, k8s._Api.read
 
 
 def job_status(suspend, active=0, started=False, conditions=()):
@@ -127,3 +135,71 @@ def test_no_kubeconfig_or_no_api_server_is_one_line_and_the_job_stays_on_record(
     with pytest.raises(ConfigError, match=r"^kubernetes: create Service .*: cannot reach the API server"):
         c.resubmit(1)
     assert c.status(1).state == "failed" and "cannot reach" in c.status(1).reason
+
+
+def jobset_status(suspend, conditions=()):
+    return {"spec": {"suspend": suspend},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r} for t, r in conditions]}}
+
+
+def test_a_jobset_queue_creates_a_jobset_and_follows_it(tmp_path, fake):
+    pool = {**POOL, "queues": {"team-a": {**POOL["queues"]["team-a"], "workload": "jobset"}}}
+    (tmp_path / "queues.toml").write_text(tomli_w.dumps(pool))
+    c = Client(tmp_path, autostart=False)
+    j = c.submit(command=["stoker", "train"], queue="team-a", slots=2, hosts=2)
+    [(what, args, _)] = [call for call in fake.calls if call[0].startswith("create")]
+    assert what == "create_custom" and args[:4] == ("jobset.x-k8s.io", "v1alpha2", "ml", "jobsets")
+    name = args[4]["metadata"]["name"]
+    assert args[4]["kind"] == "JobSet" and c.store.get(j).remote_id == f"jobset/{name}"
+    # Kueue's life of a JobSet: suspended until admitted, running, suspended again by an
+    # eviction (a preemption: it ran before), running, completed.
+    for st, expect, preempted in ((jobset_status(True), "pending", 0), (jobset_status(False), "running", 0),
+                                  (jobset_status(True, [("Suspended", "SuspendedJobs")]), "preempted", 1),
+                                  (jobset_status(False), "running", 1),
+                                  (jobset_status(False, [("Completed", "AllJobsCompleted")]), "succeeded", 1)):
+        fake.jobsets[name] = st
+        s = c.status(j)
+        assert (s.state, s.preemptions) == (expect, preempted)
+    fake.workloads = [{"metadata": {"name": f"jobset-{name}-1", "ownerReferences": [{"name": name}]},
+                       "status": {"conditions": [{"type": "Admitted", "status": "True", "message": "admitted"}]}}]
+    j2 = c.submit(command=["true"], queue="team-a")
+    name2 = c.store.get(j2).remote_id.split("/")[1]
+    fake.jobsets[name2] = jobset_status(True)
+    fake.workloads[0]["metadata"]["ownerReferences"] = [{"name": name2}]
+    assert c.why(j2).reasons == ["Kueue Admitted=True: admitted"]
+    fake.pods = {f"{name2}-node-0-0-abc": "hi\n"}
+    assert "".join(c.logs(j2)) == f"--- pod {name2}-node-0-0-abc\nhi\n"
+    selectors = [kw["label_selector"] for w, _, kw in fake.calls if w == "list_pods"]
+    assert selectors == [f"jobset.sigs.k8s.io/jobset-name={name2}"]
+    c.cancel(j2)
+    [(_, args, kw)] = [call for call in fake.calls if call[0] == "delete_custom"]
+    assert args == ("jobset.x-k8s.io", "v1alpha2", "ml", "jobsets", name2) and kw == {"propagation_policy": "Background"}
+    del fake.jobsets[name2]
+    assert c.status(j2).state == "cancelled"
+
+
+def test_kueue_apply_creates_what_is_missing_and_replaces_what_exists(tmp_path, fake, capsys):
+    from stoker.cli import main
+
+    existing = {"team-a": {"metadata": {"name": "team-a", "resourceVersion": "41"}}}
+
+    def create(*args):
+        if args[-1]["kind"] == "ClusterQueue" and args[-1]["metadata"]["name"] in existing:
+            raise kubernetes.client.exceptions.ApiException(status=409, reason="AlreadyExists")
+
+    rec = fake._rec
+    fake.custom.create_cluster_custom_object = rec("create_cluster", create)
+    fake.custom.create_namespaced_custom_object = rec("create_namespaced", create)
+    fake.custom.get_cluster_custom_object = rec("get_cluster", lambda g, v, plural, name: existing[name])
+    fake.custom.replace_cluster_custom_object = rec("replace_cluster")
+    (tmp_path / "queues.toml").write_text(tomli_w.dumps(POOL))
+    assert main(["jobs", "--home", str(tmp_path), "kueue", "--apply"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["created ResourceFlavor default-flavor", "updated ClusterQueue team-a", "created LocalQueue team-a",
+                   "created WorkloadPriorityClass low", "created WorkloadPriorityClass normal",
+                   "created WorkloadPriorityClass high"]
+    [(_, args, _)] = [c for c in fake.calls if c[0] == "replace_cluster"]
+    assert args[:4] == ("kueue.x-k8s.io", "v1beta2", "clusterqueues", "team-a")
+    assert args[4]["metadata"]["resourceVersion"] == "41" and args[4]["spec"]["resourceGroups"]
+    [(_, args, _)] = [c for c in fake.calls if c[0] == "create_namespaced"]
+    assert args[:4] == ("kueue.x-k8s.io", "v1beta2", "ml", "localqueues")

@@ -91,12 +91,14 @@ def add_parser(sub) -> None:
                                      "queueing strategy) and a WorkloadPriorityClass per priority class. Quotas count "
                                      "[kubernetes] slot_resource (default nvidia.com/gpu).")
     k.add_argument("--out", help="write to this file (default: standard output)")
-    m = verbs.add_parser("manifest", help="a job as Kubernetes objects: an Indexed Job and its headless Service",
+    k.add_argument("--apply", action="store_true",
+                   help="create them in the cluster of your kubeconfig (existing ones are replaced)")
+    m = verbs.add_parser("manifest", help="a job as Kubernetes objects: an Indexed Job and its headless Service, or a JobSet",
                          usage="stoker jobs manifest [options] (SPEC.toml | -- COMMAND [ARG ...])",
                          description="Render a job (a SPEC.toml or the command after --, with submit's options) as "
                                      "the Indexed Job, one pod per host, and the headless Service for its rendezvous, "
-                                     "labelled for Kueue, for `kubectl apply -f`. Needs [kubernetes] image in "
-                                     "queues.toml.")
+                                     "labelled for Kueue, for `kubectl apply -f`; a JobSet instead when the job's queue "
+                                     "says workload = \"jobset\". Needs [kubernetes] image in queues.toml.")
     m.add_argument("spec", nargs="?", default=None, metavar="SPEC.toml")
     for opt in ("--name", "--queue", "--priority", "--max-runtime", "--grace", "--memory"):
         m.add_argument(opt, dest=opt[2:].replace("-", "_"))
@@ -157,10 +159,14 @@ def _render(args: argparse.Namespace) -> int:
     cfg = k8s.KubeConfig.from_dict(pool.kubernetes)
     if args.verb == "kueue":
         objects = k8s.kueue_objects(pool, cfg)
+        if args.apply:
+            for line in k8s.apply_kueue(objects):
+                print(line)
+            return 0
     else:
         spec = _spec(args)
         pool.check(spec, backend="kubernetes")  # its queue and priority class exist
-        objects = k8s.job_objects(spec, args.id, cfg)
+        objects = k8s.job_objects(spec, args.id, cfg, pool.queues[spec.queue].workload)
     text = k8s.to_yaml(objects)
     if args.out:
         Path(args.out).write_text(text)

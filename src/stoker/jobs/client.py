@@ -129,6 +129,8 @@ class Client:
             return info
         remote = self._remote(info)
         st = remote.status(info.remote_id, info.spec)
+        if st.state == policy.PENDING and info.state in (policy.RUNNING, PREEMPTED):
+            st.state = PREEMPTED  # it ran and waits again: evicted (a JobSet suspended by Kueue)
         restarts = max(st.restarts, info.preemptions + (st.state == PREEMPTED and info.state != PREEMPTED))
         if (st.state, st.exit_code, restarts) != (info.state, info.exit_code, info.preemptions):
             done = {"finished": time.time()} if st.state in DONE else {}

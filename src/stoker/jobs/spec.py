@@ -170,6 +170,7 @@ class QueueConfig:
     reclaim_within_cohort: str = "any"  # preempt others' borrowed jobs when taking back quota
     within_queue: str = "lower_priority"  # preempt this queue's lower-priority jobs
     backend: str = "local"  # where its jobs run: local, slurm, kubernetes or ray
+    workload: str = "job"  # on Kubernetes: an Indexed Job and a Service, or a JobSet
 
     @property
     def lendable(self) -> int:
@@ -333,7 +334,8 @@ def pool_from_dict(d: dict[str, Any], where: str = "queues.toml") -> PoolConfig:
             strategy=_choice(q.get("strategy", "best_effort_fifo"), STRATEGIES, f"{w}.strategy"),
             reclaim_within_cohort=_choice(q.get("reclaim_within_cohort", "any"), RECLAIM, f"{w}.reclaim_within_cohort"),
             within_queue=_choice(q.get("within_queue", "lower_priority"), WITHIN, f"{w}.within_queue"),
-            backend=_choice(q.get("backend", "local"), BACKENDS, f"{w}.backend"))
+            backend=_choice(q.get("backend", "local"), BACKENDS, f"{w}.backend"),
+            workload=_choice(q.get("workload", "job"), ("job", "jobset"), f"{w}.workload"))
     total = sum(q.nominal_quota for q in pool.queues.values() if q.backend == "local")  # a cluster has its own
     if total > pool.slots:
         raise ConfigError(f"{where}: the queues' nominal quotas add up to {total} slots; the pool has {pool.slots} "

@@ -28,6 +28,8 @@ from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.spec import JobSpec, PoolConfig, check_keys, check_port
 
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+REPLICA = "node"  # the JobSet's one replicated Job: a pod per host
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -71,21 +73,24 @@ def _quantity(bytes_: int) -> str:
     return f"{max(1, bytes_ // 2**20)}Mi"
 
 
-def job_objects(spec: JobSpec, job_id: int, cfg: KubeConfig) -> list[dict[str, Any]]:
-    """The headless Service and the Indexed Job that run `spec` on `spec.hosts` pods."""
+def job_objects(spec: JobSpec, job_id: int, cfg: KubeConfig, workload: str = "job") -> list[dict[str, Any]]:
+    """The objects that run `spec` on `spec.hosts` pods: a headless Service and an Indexed Job,
+    or (workload "jobset") one JobSet, whose controller makes the Job and the Service itself."""
     if not cfg.image:
         raise ConfigError("queues.toml: kubernetes.image: needed to run jobs on Kubernetes (an image with stoker)")
     if spec.slots % spec.hosts:
         raise ConfigError(f"slots: {spec.slots} slots do not split evenly over {spec.hosts} hosts")
     name = object_name(spec, job_id)
+    # Pod 0's stable DNS name serves the rendezvous.
+    first = f"{name}-{REPLICA}-0-0" if workload == "jobset" else f"{name}-0"
     per_host = spec.slots // spec.hosts
     argv = list(spec.command)
     if argv[:2] == ["stoker", "train"]:
         argv += [f"--nproc={per_host}"] if not any(a.startswith("--nproc") for a in argv) else []
         if spec.hosts > 1:
-            # Node rank from the pod's completion index; pod 0 serves the rendezvous.
+            # Node rank from the pod's completion index.
             argv += [f"--nnodes={spec.hosts}", "--node-rank=$(NODE_RANK)",
-                     f"--master={name}-0.{name}.{cfg.namespace}.svc:{cfg.port}"]
+                     f"--master={first}.{name}.{cfg.namespace}.svc:{cfg.port}"]
     resources: dict[str, Any] = {cfg.slot_resource: per_host if cfg.slot_resource != "cpu"
                                  else int(per_host * spec.cpus)}
     if cfg.slot_resource != "cpu":
@@ -101,23 +106,33 @@ def job_objects(spec: JobSpec, job_id: int, cfg: KubeConfig) -> list[dict[str, A
     container: dict[str, Any] = {"name": "main", "image": cfg.image, "command": argv, "env": env,
                                  "ports": [{"containerPort": cfg.port, "name": "rendezvous"}],
                                  "resources": {"requests": resources, "limits": dict(resources)}}
-    pod: dict[str, Any] = {"subdomain": name, "restartPolicy": "Never", "containers": [container],
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container],
                            "terminationGracePeriodSeconds": int(spec.grace if spec.grace is not None else 60)}
     if cfg.run_volume_claim:
         container["workingDir"] = WORKDIR
         container["volumeMounts"] = [{"name": "runs", "mountPath": WORKDIR}]
         pod["volumes"] = [{"name": "runs", "persistentVolumeClaim": {"claimName": cfg.run_volume_claim}}]
     labels = {"app.kubernetes.io/managed-by": "stoker", "stoker/job-id": str(job_id)}
+    kueue = {QUEUE_LABEL: dns_name(spec.queue, "queue"), PRIORITY_LABEL: dns_name(spec.priority, "priority")}
     job_spec: dict[str, Any] = {"completionMode": "Indexed", "completions": spec.hosts, "parallelism": spec.hosts,
-                                "backoffLimit": spec.retries, "suspend": True,
                                 "template": {"metadata": {"labels": dict(labels, **{"stoker/job": name})},
                                              "spec": pod}}
     if spec.max_runtime:
         job_spec["activeDeadlineSeconds"] = int(spec.max_runtime)
+    if workload == "jobset":
+        # A failed pod fails its Job; the JobSet then restarts every Job (all hosts) up to `retries` times.
+        job_spec["backoffLimit"] = 0
+        return [{"apiVersion": JOBSET_API, "kind": "JobSet",
+                 "metadata": {"name": name, "namespace": cfg.namespace, "labels": dict(labels, **kueue)},
+                 "spec": {"suspend": True, "network": {"enableDNSHostnames": True, "subdomain": name,
+                                                       "publishNotReadyAddresses": True},
+                          "failurePolicy": {"maxRestarts": spec.retries},
+                          "replicatedJobs": [{"name": REPLICA, "replicas": 1, "template": {
+                              "metadata": {"labels": dict(labels)}, "spec": job_spec}}]}}]
+    pod["subdomain"] = name
+    job_spec.update(backoffLimit=spec.retries, suspend=True)
     job = {"apiVersion": "batch/v1", "kind": "Job",
-           "metadata": {"name": name, "namespace": cfg.namespace,
-                        "labels": dict(labels, **{QUEUE_LABEL: dns_name(spec.queue, "queue"),
-                                                  PRIORITY_LABEL: dns_name(spec.priority, "priority")})},
+           "metadata": {"name": name, "namespace": cfg.namespace, "labels": dict(labels, **kueue)},
            "spec": job_spec}
     service = {"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": name, "namespace": cfg.namespace, "labels": labels},
@@ -196,34 +211,101 @@ class _Api:
         except Exception as e:  # urllib3's connection errors: the API server is not reachable
             raise BackendError(f"kubernetes: {what}: cannot reach the API server ({type(e).__name__})") from None
 
+    def read(self, what: str, fn, *args):
+        """`call`, but None when the object does not exist (404)."""
+        try:
+            return self.call(what, fn, *args)
+        except BackendError as e:
+            if f"{what}: 404 " in str(e):
+                return None
+            raise
+
 
 def apply(objects: list[dict[str, Any]], api: _Api | None = None) -> str:
-    """Create the Service and Job; the Job's name."""
+    """Create the objects; the job's remote id: the Job's name, or `jobset/NAME` for a JobSet."""
     api = api or _Api()
     name = ""
     for obj in objects:
-        ns = obj["metadata"].get("namespace", "default")
+        ns, what = obj["metadata"].get("namespace", "default"), f"create {obj['kind']} {obj['metadata']['name']}"
         if obj["kind"] == "Service":
-            api.call(f"create Service {obj['metadata']['name']}", api.core.create_namespaced_service, ns, obj)
+            api.call(what, api.core.create_namespaced_service, ns, obj)
         elif obj["kind"] == "Job":
-            api.call(f"create Job {obj['metadata']['name']}", api.batch.create_namespaced_job, ns, obj)
+            api.call(what, api.batch.create_namespaced_job, ns, obj)
             name = obj["metadata"]["name"]
+        elif obj["kind"] == "JobSet":
+            api.call(what, api.custom.create_namespaced_custom_object, *_JOBSET, ns, "jobsets", obj)
+            name = f"jobset/{obj['metadata']['name']}"
     return name
 
 
+_KUEUE_PLURALS = {"ResourceFlavor": "resourceflavors", "ClusterQueue": "clusterqueues", "LocalQueue": "localqueues",
+                  "WorkloadPriorityClass": "workloadpriorityclasses"}
+
+
+def apply_kueue(objects: list[dict[str, Any]], api: _Api | None = None) -> list[str]:
+    """Create the Kueue objects, or replace those that exist (queues.toml changed); one line each."""
+    api = api or _Api()
+    group, version = KUEUE_API.split("/")
+    done = []
+    for obj in objects:
+        kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace")
+        plural = _KUEUE_PLURALS[kind]
+        where = (group, version, ns, plural) if ns else (group, version, plural)
+        create = api.custom.create_namespaced_custom_object if ns else api.custom.create_cluster_custom_object
+        try:
+            create(*where, obj)
+            done.append(f"created {kind} {name}")
+            continue
+        except api.k8s.client.exceptions.ApiException as e:
+            if e.status != 409:
+                raise BackendError(f"kubernetes: create {kind} {name}: {e.status} {e.reason}") from None
+        except Exception as e:
+            raise BackendError(f"kubernetes: create {kind} {name}: cannot reach the API server "
+                               f"({type(e).__name__})") from None
+        get = api.custom.get_namespaced_custom_object if ns else api.custom.get_cluster_custom_object
+        replace = api.custom.replace_namespaced_custom_object if ns else api.custom.replace_cluster_custom_object
+        current = api.call(f"read {kind} {name}", get, *where, name)
+        body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        api.call(f"replace {kind} {name}", replace, *where, name, body)
+        done.append(f"updated {kind} {name}")
+    return done
+
+
+_JOBSET = ("jobset.x-k8s.io", "v1alpha2")
+
+
+def _jobset(remote_id: str) -> str | None:
+    """The JobSet's name when the remote id names one."""
+    return remote_id[len("jobset/"):] if remote_id.startswith("jobset/") else None
+
+
+def _jobset_status(name: str, namespace: str, api: _Api) -> RemoteStatus:
+    from stoker.jobs.policy import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED
+
+    js = api.read(f"read JobSet {name}", api.custom.get_namespaced_custom_object_status, *_JOBSET, namespace,
+                  "jobsets", name)
+    if js is None:
+        return RemoteStatus(CANCELLED, "the JobSet is gone (deleted)")
+    conds = {c.get("type"): c for c in js.get("status", {}).get("conditions", []) if c.get("status") == "True"}
+    if "Completed" in conds:
+        return RemoteStatus(SUCCEEDED, "Completed", exit_code=0)
+    if "Failed" in conds:
+        return RemoteStatus(FAILED, "Failed", conds["Failed"].get("reason") or "")
+    if js.get("spec", {}).get("suspend"):
+        return RemoteStatus(PENDING, "Suspended", "waiting for Kueue to admit it")
+    return RemoteStatus(RUNNING, "Running", f"{js.get('status', {}).get('restarts', 0)} restart(s)")
+
+
 def status(name: str, namespace: str, api: _Api | None = None) -> RemoteStatus:
-    """The state of the Job `name` in stoker's words and Kubernetes'."""
+    """The state of the Job (or `jobset/NAME`) in stoker's words and Kubernetes'."""
     from stoker.jobs.policy import CANCELLED, FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED
 
     api = api or _Api()
-    try:
-        job = api.batch.read_namespaced_job_status(name, namespace)
-    except api.k8s.client.exceptions.ApiException as e:
-        if e.status == 404:
-            return RemoteStatus(CANCELLED, "the Job is gone (deleted)")
-        raise BackendError(f"kubernetes: read Job {name}: {e.status} {e.reason}") from None
-    except Exception as e:
-        raise BackendError(f"kubernetes: read Job {name}: cannot reach the API server ({type(e).__name__})") from None
+    if _jobset(name):
+        return _jobset_status(_jobset(name), namespace, api)
+    job = api.read(f"read Job {name}", api.batch.read_namespaced_job_status, name, namespace)
+    if job is None:
+        return RemoteStatus(CANCELLED, "the Job is gone (deleted)")
     conds = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
     if "Complete" in conds:
         return RemoteStatus(SUCCEEDED, "Complete", exit_code=0)
@@ -239,8 +321,9 @@ def status(name: str, namespace: str, api: _Api | None = None) -> RemoteStatus:
 
 def logs(name: str, namespace: str, api: _Api | None = None) -> str:
     api = api or _Api()
-    pods = api.call(f"list pods of Job {name}", api.core.list_namespaced_pod, namespace,
-                    label_selector=f"batch.kubernetes.io/job-name={name}")
+    js = _jobset(name)
+    selector = f"jobset.sigs.k8s.io/jobset-name={js}" if js else f"batch.kubernetes.io/job-name={name}"
+    pods = api.call(f"list pods of {name}", api.core.list_namespaced_pod, namespace, label_selector=selector)
     out = []
     for pod in sorted(pods.items, key=lambda p: p.metadata.name):
         text = api.call(f"read log of {pod.metadata.name}", api.core.read_namespaced_pod_log, pod.metadata.name,
@@ -250,8 +333,12 @@ def logs(name: str, namespace: str, api: _Api | None = None) -> str:
 
 
 def cancel(name: str, namespace: str, api: _Api | None = None) -> None:
-    """Delete the Job (its pods get SIGTERM and their grace period) and its Service."""
+    """Delete the Job (its pods get SIGTERM and their grace period) and its Service, or the JobSet."""
     api = api or _Api()
+    if _jobset(name):
+        api.call(f"delete JobSet {_jobset(name)}", api.custom.delete_namespaced_custom_object, *_JOBSET, namespace,
+                 "jobsets", _jobset(name), propagation_policy="Background")
+        return
     api.call(f"delete Job {name}", api.batch.delete_namespaced_job, name, namespace,
              propagation_policy="Background")
     api.call(f"delete Service {name}", api.core.delete_namespaced_service, name, namespace)
@@ -261,6 +348,7 @@ def why(name: str, namespace: str, queue: str, api: _Api | None = None) -> list[
     """Kueue's answer: the Workload's condition message and the position in its LocalQueue
     (Kueue's visibility API)."""
     api = api or _Api()
+    name = _jobset(name) or name  # the Workload's owner: the Job, or the JobSet
     lines = []
     wls = api.call("list Kueue workloads", api.custom.list_namespaced_custom_object, "kueue.x-k8s.io", "v1beta2",
                    namespace, "workloads")
@@ -299,7 +387,7 @@ class Backend:
         return self._api
 
     def submit(self, spec: JobSpec, job_id: int, job_dir) -> str:
-        objects = job_objects(spec, job_id, self.cfg)
+        objects = job_objects(spec, job_id, self.cfg, self.pool.queues[spec.queue].workload)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "objects.yaml").write_text(to_yaml(objects))  # what was sent, for the record
         return apply(objects, self.api)
