@@ -103,3 +103,24 @@ def test_a_train_job_preempted_by_slurm_checkpoints_is_requeued_and_matches_an_u
               "--train.ckpt_every=0")
     # One process with one thread on both sides, the same data order, an exact resume.
     assert_curves_close(losses(tmp_path / "low"), losses(tmp_path / "ref"), range(1, steps + 1), 1e-5)
+
+
+def test_a_job_slurmctld_forgot_is_read_from_sacct_when_accounting_exists(tmp_path, monkeypatch):
+    from stoker.jobs.backends.slurm import status
+
+    # Stand-ins with Slurm's own answers: scontrol after MinJobAge, sacct with and without accounting.
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    (tmp_path / "sacct").write_text("#!/bin/sh\ncase \"$5\" in\n"
+                                    "  5) echo 'COMPLETED|0:0|None';;\n"
+                                    "  6) echo 'CANCELLED by 0|0:15|None';;\n"
+                                    "  7) echo 'FAILED|3:0|NonZeroExitCode';;\n"
+                                    "  *) echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1;;\n"
+                                    "esac\n")
+    for f in ("scontrol", "sacct"):
+        (tmp_path / f).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    got = {i: status(i) for i in ("5", "6", "7", "8")}
+    assert [(s.state, s.native, s.exit_code) for s in got.values()] == [
+        ("succeeded", "COMPLETED", 0), ("cancelled", "CANCELLED", 128 + 15), ("failed", "FAILED", 3),
+        ("failed", "UNKNOWN", None)]
+    assert got["7"].reason == "NonZeroExitCode" and "keeps no accounting" in got["8"].reason

@@ -135,7 +135,7 @@ def status(slurm_id: str) -> RemoteStatus:
         text = _run(["scontrol", "show", "job", "-o", slurm_id], f"scontrol show job {slurm_id}")
     except BackendError as e:
         if "Invalid job id" in str(e):
-            return RemoteStatus(FAILED, "UNKNOWN", "Slurm no longer knows this job (finished over MinJobAge ago)")
+            return accounted(slurm_id)
         raise
     f = dict(re.findall(r"(\w+)=(\S*)", text))
     native = f.get("JobState", "UNKNOWN")
@@ -148,6 +148,24 @@ def status(slurm_id: str) -> RemoteStatus:
         rc, sig = (int(x) for x in f["ExitCode"].split(":"))
         code = 128 + sig if sig else rc
     return RemoteStatus(state, native, f.get("Reason", ""), code, restarts)
+
+
+def accounted(slurm_id: str) -> RemoteStatus:
+    """How a job that slurmctld has forgotten (MinJobAge after it ended) ended, from sacct when
+    the cluster keeps accounting."""
+    try:
+        text = _run(["sacct", "-n", "-P", "-X", "-j", slurm_id, "-o", "State,ExitCode,Reason"], "sacct")
+    except BackendError:
+        text = ""
+    rows = [r.split("|") for r in text.splitlines() if r.count("|") == 2]
+    if not rows:
+        return RemoteStatus(FAILED, "UNKNOWN", "Slurm no longer knows this job (ended over MinJobAge ago) and "
+                                                "keeps no accounting (sacct)")
+    native, exit_code, reason = rows[-1]
+    native = native.split()[0]  # "CANCELLED by 1000"
+    state = _STATES.get(native, FAILED)
+    rc, sig = (int(x) for x in exit_code.split(":")) if ":" in exit_code else (0, 0)
+    return RemoteStatus(state, native, reason if reason != "None" else "", 128 + sig if sig else rc)
 
 
 def why(slurm_id: str) -> list[str]:
