@@ -179,10 +179,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stoker.generate import export
 
     try:
+        if args.format == "hf":
+            from stoker.models.hf import export_hf
+
+            if not args.out:
+                return _fail("--out: give the directory for the Hugging Face model (--format hf)")
+            path = export_hf(args.run_dir, args.out)
+            print(f"wrote {path} (config.json, model.safetensors, tokenizer): "
+                  "transformers' AutoModelForCausalLM.from_pretrained reads it")
+            return 0
         path = export(args.run_dir, args.out)
     except ConfigError as e:
         return _fail(str(e))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from stoker.models.hf import import_hf
+
+    try:
+        out = import_hf(args.model_dir, args.out)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"wrote {out}: stoker eval / generate / serve it, or train from it with --model.init_from={out}")
     return 0
 
 
@@ -326,11 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--server", metavar="URL", help="ask a `stoker serve` server instead of loading the model "
                                                     "(API key from $STOKER_API_KEY)")
 
-    px = sub.add_parser("export", help="write a run's latest checkpoint as one safetensors file",
+    px = sub.add_parser("export", help="write a run's latest checkpoint as one safetensors file, or as a "
+                                       "Hugging Face model directory",
                         description="Gather the latest checkpoint (written under any parallel layout) into one "
-                                    "plain safetensors file for inference; the model shape goes in its metadata.")
-    px.add_argument("run_dir", help="a train.out_dir")
-    px.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.safetensors)")
+                                    "plain safetensors file for inference, the model shape in its metadata; or, with "
+                                    "--format hf, into a Hugging Face model directory (config.json, "
+                                    "model.safetensors, tokenizer) for transformers.")
+    px.add_argument("run_dir", help="a train.out_dir, or a directory written by `stoker import`")
+    px.add_argument("--format", choices=("stoker", "hf"), default="stoker",
+                    help="stoker: one safetensors file (default); hf: a Hugging Face model directory")
+    px.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.safetensors); with --format hf "
+                                                "a new directory")
+
+    pi = sub.add_parser("import", help="a local Hugging Face model directory (GPT-2, Llama) as a stoker run",
+                        description="Read a local Hugging Face model directory (config.json, model.safetensors or "
+                                    "its sharded files with their index, tokenizer.json and tokenizer_config.json) "
+                                    "of the GPT-2 or Llama architecture, and write a run directory that eval, "
+                                    "generate, serve and `train --model.init_from` take. Nothing is downloaded; "
+                                    "pickle weights (*.bin) are refused, since loading them runs code.")
+    pi.add_argument("model_dir", help="the Hugging Face model directory")
+    pi.add_argument("--out", required=True, help="the run directory to write (new, or empty)")
 
     ps = sub.add_parser("serve", help="serve run directories over HTTP with continuous batching",
                         description="HTTP server: OpenAI-compatible POST /v1/completions, task API "
@@ -434,7 +469,7 @@ def _main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         except ConfigError as e:
             return _fail(str(e))
-    return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo,
+    return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "import": cmd_import, "demo": cmd_demo,
             "serve": cmd_serve, "hosts": cmd_hosts}[args.command](args)
 
 

@@ -269,6 +269,9 @@ class Config:
         n_layer = self.model.n_layer or preset.n_layer
         if n_head % par.tp:
             raise ConfigError(f"parallel.tp: {par.tp} does not divide the number of heads {n_head} (model.n_head)")
+        kv_heads = preset.arch.get("n_kv_head") if not self.model.n_head else None
+        if kv_heads and kv_heads % par.tp:
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide the preset's {kv_heads} key/value heads")
         if par.tp > 1 and t.seq_len % par.tp:
             raise ConfigError(f"parallel.tp: {par.tp} does not divide train.seq_len {t.seq_len} "
                               "(sequence parallel splits the sequence across the tp ranks)")

@@ -16,7 +16,7 @@ from stoker.data.loader import TokenWindows
 from stoker.data.prepare import load_split
 from stoker.data.tokenizer import FILENAME as TOKENIZER_FILE
 from stoker.data.tokenizer import Tokenizer
-from stoker.models.gpt import GPT, GPTConfig, loss_fn
+from stoker.models.gpt import GPT, GPTConfig, KVCache, loss_fn
 from stoker.train.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
 
 EXPORT_NAME = "model.safetensors"
@@ -30,8 +30,9 @@ def run_model_config(out_dir: str | Path, tp: int = 1) -> GPTConfig:
         raise ConfigError(f"{str(out_dir)!r} is not a training run directory (no model.json); "
                           "train one with `stoker train`")
     gcfg = GPTConfig(**json.loads(spec.read_text()))
-    if gcfg.n_head % tp:
-        raise ConfigError(f"--tp: {tp} does not divide the model's {gcfg.n_head} heads")
+    if gcfg.n_head % tp or gcfg.kv_heads % tp:
+        raise ConfigError(f"--tp: {tp} does not divide the model's {gcfg.n_head} heads and {gcfg.kv_heads} "
+                          "key/value heads")
     return gcfg
 
 
@@ -62,14 +63,19 @@ def sample(
     model: GPT, ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
     seed: int | None = None, stop_id: int | None = None,
 ) -> list[int]:
-    """Autoregressive sampling without a KV cache (the serving engine keeps one); temperature 0 is greedy."""
+    """Autoregressive sampling with a KV cache (the model's cached path, as the serving engine
+    uses); temperature 0 is greedy. Stops at the model's context."""
     device = model.wte.weight.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
+    ids = ids[-(model.cfg.block_size - 1):]  # room for at least one new token
+    room = min(max_new_tokens, model.cfg.block_size - len(ids))
+    cache = KVCache([model.new_cache_buffer(len(ids) + room)], [0])
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(x[:, -model.cfg.block_size :])[:, -1, :].float()  # (1, V)
+    for _ in range(room):
+        logits = model.forward_cached(x, cache)[:, -1, :].float()  # (1, V)
+        cache.starts[0] += x.size(1)
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
@@ -82,7 +88,7 @@ def sample(
         if tok == stop_id:
             break
         out.append(tok)
-        x = torch.cat([x, nxt], dim=1)
+        x = nxt
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
 FILENAME = "tokenizer.json"
+CONFIG = "tokenizer_config.json"  # an imported model's: its end-of-text token, chat template
 
 
 # The BPE trainer's time grows faster than linearly with the length of one pre-tokenized
@@ -60,22 +62,35 @@ class Tokenizer:
     string "<|endoftext|>" inside a text is encoded as ordinary bytes, so a document that
     quotes it cannot fake a document boundary. decode(encode(s)) == s for every string."""
 
-    def __init__(self, tok: HFTokenizer):
+    def __init__(self, tok: HFTokenizer, eot: str = EOT, chat_template: str | None = None):
         tok.encode_special_tokens = True  # not stored in tokenizer.json, so set on every load
         self._tok = tok
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking: same ids, ~15% faster.
         self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        eot = tok.token_to_id(EOT)
-        if eot is None:
-            raise ValueError(f"tokenizer has no {EOT} token")
-        self._eot = eot
+        eot_id = tok.token_to_id(eot)
+        if eot_id is None:
+            raise ValueError(f"tokenizer has no {eot} token")
+        self._eot, self.eot = eot_id, eot
+        self.chat_template = chat_template
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "Tokenizer":
+        """tokenizer.json from `data_dir`; with an imported model's tokenizer_config.json beside
+        it, its end-of-text (eos) token and chat template."""
         path = Path(data_dir) / FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}; run `stoker prepare` first")
-        return cls(HFTokenizer.from_file(str(path)))
+        eot, template = EOT, None
+        config = Path(data_dir) / CONFIG
+        if config.is_file():
+            try:
+                c = json.loads(config.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config}: not JSON ({e})") from None
+            eos = c.get("eos_token")
+            eot = (eos.get("content") if isinstance(eos, dict) else eos) or EOT
+            template = c.get("chat_template") if isinstance(c.get("chat_template"), str) else None
+        return cls(HFTokenizer.from_file(str(path)), eot, template)
 
     def save(self, data_dir: str | Path) -> None:
         self._tok.save(str(Path(data_dir) / FILENAME))

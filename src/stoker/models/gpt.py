@@ -1,4 +1,12 @@
-"""A compact decoder-only transformer: pre-norm, causal SDPA attention, GELU MLP, tied embeddings.
+"""A compact decoder-only transformer, in the GPT-2 and the Llama families.
+
+Pre-norm blocks of causal SDPA attention and an MLP. The GPT-2 options: LayerNorm, learned
+position embeddings, GELU MLP, biases, the output head tied to the token embedding. The Llama
+options: RMSNorm, rotary position embeddings (with Llama 3's frequency scaling), SwiGLU MLP,
+grouped-query attention (fewer key/value heads than query heads), no biases, an untied head.
+
+`forward` runs whole sequences (training, evaluation); `forward_cached` runs new tokens against
+per-sequence key/value caches (generation, serving), with the same blocks.
 
 This file knows nothing about parallelism; stoker.parallel applies it from outside.
 """
@@ -14,6 +22,10 @@ import torch.nn.functional as F
 
 from stoker.models.presets import PRESETS
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+
 
 @dataclass
 class GPTConfig:
@@ -24,90 +36,210 @@ class GPTConfig:
     block_size: int = 256
     dropout: float = 0.0
     bias: bool = True
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    ffn_hidden: int | None = None  # the MLP's width; None: 4 * n_embd
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # or "swiglu"
+    pos: str = "learned"  # or "rope"
+    rope_theta: float = 10000.0
+    # Llama 3's scaling of the rotary frequencies: factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings; None: plain RoPE.
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = True
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-        p = PRESETS[name]
-        kw = dict(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head, vocab_size=p.vocab_size, block_size=p.block_size)
+        kw = PRESETS[name].fields()
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS), ("pos", self.pos, POSITIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head {self.n_head} does not divide n_embd {self.n_embd}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head {self.kv_heads} does not divide n_head {self.n_head}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or 4 * self.n_embd
+
+
+def rope_frequencies(cfg: GPTConfig, device=None) -> torch.Tensor:
+    """The rotary angle per position step of each dimension pair, (head_dim / 2,), in fp32.
+
+    Llama 3 scaling keeps the fast-turning pairs (wavelength under original_context /
+    high_freq_factor), slows the slow ones (over original_context / low_freq_factor) by
+    `factor`, and blends the two in between, linearly in original_context / wavelength.
+    """
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv
+    factor, low, high = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    context = float(sc["original_max_position_embeddings"])
+    turns = context * inv / (2 * math.pi)  # = original_context / wavelength
+    blend = ((turns - low) / (high - low)).clamp(0.0, 1.0)  # 0: slow pair, 1: fast pair
+    return inv / factor * (1 - blend) + inv * blend
+
+
+def rope_tables(cfg: GPTConfig, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions `pos` (..., T): (..., T, head_dim), each angle twice (the
+    two halves of a head are rotated as pairs (i, i + head_dim / 2))."""
+    angles = pos.float()[..., None] * rope_frequencies(cfg, pos.device)  # (..., T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the tables (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of a batch of sequences, one buffer per row, (n_layer, 2, n_kv_head,
+    capacity, head_dim); a None row is padding. In a call, row r's tokens sit at positions
+    starts[r], starts[r] + 1, ...; its earlier keys and values are in its buffer already.
+
+    Attention runs row by row over exactly that row's own cached positions, so a row's
+    arithmetic does not depend on which other rows share the batch (stoker.serve.engine
+    relies on it for batch-invariant output)."""
+
+    def __init__(self, buffers: list[torch.Tensor | None], starts: list[int]):
+        self.buffers, self.starts = buffers, starts
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        return torch.tensor(self.starts, device=device)[:, None] + torch.arange(t, device=device)  # (R, T)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (R, KVH, T, D) at the rows' positions; attention of q (R, H, T, D)."""
+        y = torch.zeros_like(q)
+        t = q.size(2)
+        gqa = q.size(1) != k.size(1)
+        for r, (buf, s) in enumerate(zip(self.buffers, self.starts)):
+            if buf is None:
+                continue
+            buf[layer, 0, :, s : s + t] = k[r]
+            buf[layer, 1, :, s : s + t] = v[r]
+            keys, values = buf[layer, 0, :, : s + t], buf[layer, 1, :, : s + t]
+            if t == 1 or s == 0:
+                y[r] = F.scaled_dot_product_attention(q[r], keys, values, is_causal=t > 1, enable_gqa=gqa)
+            else:  # new tokens after cached ones: each sees the cache and the new ones up to itself
+                mask = torch.arange(s + t, device=q.device)[None] <= torch.arange(s, s + t, device=q.device)[:, None]
+                y[r] = F.scaled_dot_product_attention(q[r], keys, values, attn_mask=mask, enable_gqa=gqa)
+        return y
+
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
+        self.cfg, self.layer = cfg, layer
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         # Separate q/k/v projections (rather than one fused qkv) so a column-wise split of each
-        # gives every tensor-parallel rank whole heads.
+        # gives every tensor-parallel rank whole heads (and whole groups of query heads per
+        # key/value head, when tp divides n_kv_head).
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # Heads are inferred (-1) so a tensor-parallel shard, holding n_head / tp heads, runs unchanged.
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if self.cfg.pos == "rope":
+            pos = cache.positions(T, x.device) if cache is not None else torch.arange(T, device=x.device)
+            cos, sin = rope_tables(self.cfg, pos, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            y = cache.attend(self.layer, q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1),
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
+    """GELU: proj(gelu(fc(x))). SwiGLU: proj(silu(gate(x)) * fc(x))."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by layer index (not a ModuleList) so that a pipeline stage can delete
         # the blocks it does not own and the rest keep their names, hence their checkpoint keys.
-        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     def tie_weights(self) -> None:
-        """Share the output projection with the token embedding; call again after `to_empty`,
-        which gives each module its own fresh storage and so unties them."""
-        self.lm_head.weight = self.wte.weight
+        """Share the output projection with the token embedding (when the model ties them);
+        call again after `to_empty`, which gives each module its own fresh storage and so
+        unties them."""
+        if self.cfg.tie_embeddings and self.wte is not None and self.lm_head is not None:
+            self.lm_head.weight = self.wte.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -119,7 +251,7 @@ class GPT(nn.Module):
         resid_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear):
-                if name.endswith("lm_head"):
+                if name.endswith("lm_head") and self.cfg.tie_embeddings:
                     continue  # tied to wte
                 s = resid_std if name.endswith(("o_proj", "mlp.proj")) else std
                 nn.init.normal_(mod.weight, 0.0, s, generator=gen)
@@ -127,25 +259,29 @@ class GPT(nn.Module):
                     nn.init.zeros_(mod.bias)
             elif isinstance(mod, nn.Embedding):
                 nn.init.normal_(mod.weight, 0.0, std, generator=gen)
-            elif isinstance(mod, nn.LayerNorm):
+            elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(mod.weight)
-                if mod.bias is not None:
+                if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
+
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        return self.drop(x)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V).
 
         A pipeline stage is this module with some parts set to None (stoker.parallel.pipeline):
-        a stage without position embeddings takes hidden states (B, T, C) instead of ids, and
-        one without the head returns hidden states. (The last stage keeps `wte` only as its
-        tied head, so `wpe` is what marks the first.)
+        a stage other than the first takes hidden states (B, T, C), floats, instead of ids,
+        and one without the head returns hidden states.
         """
-        if self.wpe is not None:
-            B, T = idx.shape
+        if not idx.is_floating_point():
+            T = idx.size(1)
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-            pos = torch.arange(T, device=idx.device)
-            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+            x = self._embed(idx, torch.arange(T, device=idx.device))  # (B, T, C)
         else:
             x = idx
         for block in self.blocks.values():
@@ -153,6 +289,25 @@ class GPT(nn.Module):
         if self.lm_head is None:
             return x
         return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """New tokens idx (R, T) after what each row's cache holds -> logits (R, T, V); the
+        rows' keys and values are added to their caches. Padding rows give garbage logits."""
+        end = max(cache.starts) + idx.size(1)
+        if end > self.cfg.block_size:
+            raise ValueError(f"position {end - 1} is past the context of {self.cfg.block_size} tokens")
+        x = self._embed(idx, cache.positions(idx.size(1), idx.device))
+        for block in self.blocks.values():
+            x = block(x, cache)
+        return self.lm_head(self.ln_f(x))
+
+    def new_cache_buffer(self, capacity: int) -> torch.Tensor:
+        """An empty key/value buffer for one sequence of up to `capacity` tokens."""
+        c, w = self.cfg, self.wte.weight
+        k = next(iter(self.blocks.values())).attn.k_proj.weight
+        heads = (k.to_local() if hasattr(k, "to_local") else k).size(0) // c.head_dim  # a tensor-parallel rank's own
+        return torch.empty(c.n_layer, 2, heads, capacity, c.head_dim, device=w.device, dtype=w.dtype)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -170,10 +325,15 @@ def count_params(cfg: GPTConfig) -> int:
 def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention scores.
 
-    N counts every weight used in a matmul: position embeddings are a lookup and are left out,
-    the tied token embedding is counted once since it is the output projection. Attention adds
-    6 * n_layer * seq_len * n_embd * 2 (QK^T and AV, forward and backward; Kaplan et al. 2020 /
-    PaLM appendix B), without halving for the causal mask, as MFU is conventionally reported.
+    N counts every weight used in a matmul: position embeddings are a lookup and are left out;
+    a tied token embedding is counted once, as the output projection; an untied one is a
+    lookup and is left out too. Attention adds 6 * n_layer * seq_len * n_embd * 2 (QK^T and
+    AV, forward and backward; Kaplan et al. 2020 / PaLM appendix B), without halving for the
+    causal mask, as MFU is conventionally reported.
     """
-    n = count_params(cfg) - cfg.block_size * cfg.n_embd
+    n = count_params(cfg)
+    if cfg.pos == "learned":
+        n -= cfg.block_size * cfg.n_embd
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.n_embd
     return 6.0 * n + 12.0 * cfg.n_layer * seq_len * cfg.n_embd

@@ -44,6 +44,7 @@ def tp_plan(sequence_parallel: bool = True) -> dict[str, ParallelStyle]:
             "blocks.*.attn.k_proj": ColwiseParallel(),
             "blocks.*.attn.v_proj": ColwiseParallel(),
             "blocks.*.attn.o_proj": RowwiseParallel(),
+            "blocks.*.mlp.gate": ColwiseParallel(),
             "blocks.*.mlp.fc": ColwiseParallel(),
             "blocks.*.mlp.proj": RowwiseParallel(),
             "lm_head": ColwiseParallel(output_layouts=Replicate()),
@@ -60,6 +61,7 @@ def tp_plan(sequence_parallel: bool = True) -> dict[str, ParallelStyle]:
         "blocks.*.attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
         "blocks.*.ln_2": SequenceParallel(),
         "blocks.*.mlp": gather_seq,
+        "blocks.*.mlp.gate": ColwiseParallel(),
         "blocks.*.mlp.fc": ColwiseParallel(),
         "blocks.*.mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
         "ln_f": SequenceParallel(),
@@ -69,14 +71,21 @@ def tp_plan(sequence_parallel: bool = True) -> dict[str, ParallelStyle]:
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> nn.Module:
     """Tensor parallel over `tp_mesh`. A pipeline stage holds only some of the top-level
-    modules: the plan's entries for absent ones are left out."""
-    plan = {k: v for k, v in tp_plan(sequence_parallel).items()
-            if k.startswith("blocks.") or getattr(model, k, None) is not None}
-    parallelize_module(model, tp_mesh, plan)
-    # Each module got its own distributed copy of the tied weight; both are split by
+    modules, and a model only some of the plan's (wpe: learned positions; mlp.gate: SwiGLU):
+    the plan's entries for absent ones are left out. Grouped-query attention splits the key
+    and value heads as it splits the query heads, so tp must divide n_kv_head."""
+    block = next(iter(model.blocks.values()))
+
+    def present(key: str) -> bool:
+        obj = block if key.startswith("blocks.") else model
+        for part in key.removeprefix("blocks.*.").split("."):
+            obj = getattr(obj, part, None)
+        return obj is not None
+
+    parallelize_module(model, tp_mesh, {k: v for k, v in tp_plan(sequence_parallel).items() if present(k)})
+    # Each module got its own distributed copy of a tied weight; both are split by
     # vocabulary rows (Shard(0)), so one can stand for both again.
-    if getattr(model, "wte", None) is not None and getattr(model, "lm_head", None) is not None:
-        model.tie_weights()
+    model.tie_weights()
     return model
 
 

@@ -1,9 +1,9 @@
 """Pipeline parallelism with torch.distributed.pipelining: the model cut into stages by layer.
 
 Stage s runs on pp rank s % pp (one stage per rank, or several interleaved). The first stage
-owns the embeddings, the last the final norm and the head. The head is tied to the token
-embedding, so the last stage keeps its own copy of `wte` under the same name: checkpoints
-then hold one `wte.weight` whatever the layout, and `sync_tied_grads` sums the two copies'
+owns the embeddings, the last the final norm and the head. Where the head is tied to the token
+embedding (GPT-2), the last stage keeps its own copy of `wte` under the same name: checkpoints
+then hold one `wte.weight` whatever the layout, and `TiedGradSync` sums the two copies'
 gradients so that they stay equal, as the single tensor of the unsplit model would.
 """
 
@@ -37,7 +37,7 @@ def split_layers(model: GPT, n_stages: int) -> list[range]:
     if n_stages > n:
         raise ValueError(f"{n_stages} pipeline stages for {n} layers: every stage needs a layer")
     first = _param_count(model.wte) + _param_count(model.wpe)
-    last = _param_count(model.wte) + _param_count(model.ln_f)
+    last = _param_count(model.wte if model.cfg.tie_embeddings else model.lm_head) + _param_count(model.ln_f)
     return balanced_split(blocks, first, last, n_stages)
 
 
@@ -48,9 +48,9 @@ def stage_module(model: GPT, layers: range, first: bool, last: bool) -> GPT:
         if int(name) not in layers:
             del stage.blocks[name]
     if not first:
-        stage.wpe = None  # the forward pass takes hidden states where wpe is absent
-        if not last:
-            stage.wte = None
+        stage.wpe = None
+        if not (last and model.cfg.tie_embeddings):
+            stage.wte = None  # the forward pass takes hidden states (floats) there
     if not last:
         stage.ln_f = None
         stage.lm_head = None

@@ -27,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from stoker.data.tokenizer import Tokenizer
-from stoker.models.gpt import GPT
+from stoker.models.gpt import GPT, KVCache
 
 
 class QueueFull(Exception):
@@ -97,7 +96,7 @@ class _Seq:
     sent: int = 0  # characters of text already emitted
     done: bool = False
     cancelled: bool = False
-    kv: torch.Tensor | None = None  # (n_layer, 2, H, cap, D)
+    kv: torch.Tensor | None = None  # (n_layer, 2, KVH, cap, D)
     gen: torch.Generator | None = None
 
     @property
@@ -147,7 +146,7 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         p = model.wte.weight
         self.device, self.dtype = p.device, p.dtype
-        self.kv_bytes_per_token = self.cfg.n_layer * 2 * self.cfg.n_embd * p.element_size()
+        self.kv_bytes_per_token = self.cfg.n_layer * 2 * self.cfg.kv_heads * self.cfg.head_dim * p.element_size()
         self._kv_used = 0
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._active: list[_Seq] = []
@@ -279,8 +278,7 @@ class Engine:
                 self._finish(seq, "", "error", error=f"{type(e).__name__}: {e}")
 
     def _start(self, seq: _Seq) -> None:
-        seq.kv = torch.empty(self.cfg.n_layer, 2, self.cfg.n_head, seq.cap, self.cfg.head_dim,
-                             device=self.device, dtype=self.dtype)
+        seq.kv = self.model.new_cache_buffer(seq.cap)
         if seq.params.seed is not None:
             # Any integer is a seed: taken modulo 2**64, which leaves the generator's own range
             # [-2**63, 2**64) as it was (a negative seed is its two's complement there too).
@@ -300,42 +298,18 @@ class Engine:
 
     def _prefill(self, seq: _Seq) -> torch.Tensor:
         """Run the prompt alone, fill its cache; logits (V,) for the first new token."""
-        m, T = self.model, len(seq.prompt)
-        idx = torch.tensor(seq.prompt, device=self.device)
-        x = (m.wte(idx) + m.wpe(torch.arange(T, device=self.device)))[None]  # (1, T, C)
-        for layer, block in enumerate(m.blocks.values()):
-            a, att = block.ln_1(x), block.attn
-            q, k, v = (p(a).view(1, T, -1, self.cfg.head_dim).transpose(1, 2)
-                       for p in (att.q_proj, att.k_proj, att.v_proj))  # (1, H, T, D)
-            seq.kv[layer, 0, :, :T] = k[0]
-            seq.kv[layer, 1, :, :T] = v[0]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (1, H, T, D)
-            x = x + att.o_proj(y.transpose(1, 2).reshape(1, T, -1))
-            x = x + block.mlp(block.ln_2(x))
-        return m.lm_head(m.ln_f(x[0, -1]))  # (V,)
+        idx = torch.tensor([seq.prompt], device=self.device)
+        return self.model.forward_cached(idx, KVCache([seq.kv], [0]))[0, -1]  # (V,)
 
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
-        """Feed each sequence's last token at its own position; logits (len(seqs), V)."""
-        m, R, n = self.model, self.max_batch, len(seqs)
-        last = torch.zeros(R, dtype=torch.long, device=self.device)  # idle rows: token 0 at position 0
-        pos = torch.zeros(R, dtype=torch.long, device=self.device)
-        last[:n] = torch.tensor([s.out[-1] for s in seqs])
-        pos[:n] = torch.tensor([s.length - 1 for s in seqs])
-        x = m.wte(last) + m.wpe(pos)  # (R, C)
-        for layer, block in enumerate(m.blocks.values()):
-            a, att = block.ln_1(x), block.attn
-            q, k, v = (p(a).view(R, -1, self.cfg.head_dim) for p in (att.q_proj, att.k_proj, att.v_proj))  # (R, H, D)
-            y = torch.zeros_like(q)  # (R, H, D)
-            for i, s in enumerate(seqs):
-                p = s.length - 1
-                s.kv[layer, 0, :, p] = k[i]
-                s.kv[layer, 1, :, p] = v[i]
-                # One row at a time over exactly its own p + 1 cached positions (see module doc).
-                y[i] = F.scaled_dot_product_attention(q[i, :, None], s.kv[layer, 0, :, : p + 1],
-                                                      s.kv[layer, 1, :, : p + 1])[:, 0]  # (H, D)
-            x = x + att.o_proj(y.reshape(R, -1))
-            x = x + block.mlp(block.ln_2(x))
-        return m.lm_head(m.ln_f(x))[:n]  # (n, V)
+        """Feed each sequence's last token at its own position; logits (len(seqs), V). The
+        matmuls always run on max_batch rows (idle ones padded), attention row by row (see
+        the module's doc)."""
+        R, n = self.max_batch, len(seqs)
+        last = torch.zeros(R, 1, dtype=torch.long, device=self.device)  # idle rows: token 0 at position 0
+        last[:n, 0] = torch.tensor([s.out[-1] for s in seqs])
+        cache = KVCache([s.kv for s in seqs] + [None] * (R - n), [s.length - 1 for s in seqs] + [0] * (R - n))
+        return self.model.forward_cached(last, cache)[:n, 0]  # (n, V)
 
     def _pick(self, seq: _Seq, logits: torch.Tensor) -> int:
         """One token from logits (V,) under the request's sampling parameters."""

@@ -42,7 +42,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from stoker.errors import RunError
 from stoker.parallel.mesh import from_rank0
@@ -249,7 +250,9 @@ def _barrier() -> None:
 _OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _state_dicts(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> list[tuple[dict, dict]]:
+def _state_dicts(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> list[tuple[dict, dict]]:
+    if optimizers is None:  # the weights alone (an imported model)
+        return [(get_model_state_dict(m), {}) for m in parts]
     return [get_state_dict(m, o, options=_OPTS) for m, o in zip(parts, optimizers)]
 
 
@@ -273,12 +276,12 @@ def load_rank_state(ckpt: str | Path, kind: str) -> dict[str, torch.Tensor] | No
 
 
 def save_checkpoint(
-    out_dir: str | Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+    out_dir: str | Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
     trainer_state: dict, keep_last: int, rank_state: tuple[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Collective: every rank calls it with its model parts (whole model or pipeline stages)
-    and their optimizers, and optionally (kind, tensors) of state only this rank holds.
-    Returns the final directory."""
+    and their optimizers (None: the weights alone), and optionally (kind, tensors) of state
+    only this rank holds. Returns the final directory."""
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"

@@ -39,13 +39,11 @@ from stoker.train.schedule import lr_at, schedule_state
 
 def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
     m = cfg.model
-    gcfg = GPTConfig.from_preset(
-        m.preset, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
-        vocab_size=vocab_size, block_size=cfg.train.seq_len, dropout=m.dropout,
-    )
-    if gcfg.n_embd % gcfg.n_head:
-        raise ConfigError(f"model.n_head: {gcfg.n_head} does not divide model.n_embd {gcfg.n_embd}")
-    return gcfg
+    try:
+        return GPTConfig.from_preset(m.preset, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                                     vocab_size=vocab_size, block_size=cfg.train.seq_len, dropout=m.dropout)
+    except ValueError as e:  # a shape that does not hold together: n_head and n_embd, say
+        raise ConfigError(f"model: {e}") from None
 
 
 def build_model(gcfg: GPTConfig, seed: int, device: torch.device) -> GPT:
@@ -80,8 +78,7 @@ def build_parts(gcfg: GPTConfig, cfg: Config, info: DistInfo, mesh) -> tuple[lis
     for _, m in stages:
         m = parallelize(m, mesh, pcfg, t.dtype, t.compile)
         m.to_empty(device=info.device)
-        if m.wte is not None and m.lm_head is not None:
-            m.tie_weights()
+        m.tie_weights()
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(m, init, options=opts)
         parts.append(m)
@@ -311,7 +308,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         ctx.schedule = build_schedule(parts, stage_ids, pcfg, pp_mesh, info.device, loss_fn, split.count)
         ctx.first, ctx.last = 0 in stage_ids, pcfg.n_stages - 1 in stage_ids
         ctx.pp_group = pp_mesh.get_group()
-        ctx.tied = TiedGradSync(parts, pp_mesh, info.device)
+        ctx.tied = TiedGradSync(parts, pp_mesh, info.device) if gcfg.tie_embeddings else None
         # The last stage's copy of the tied embedding is counted once, on the first stage.
         ctx.norm_skip = frozenset(id(m.wte.weight) for m, s in zip(parts, stage_ids) if s != 0 and m.wte is not None)
     loader = DataLoader(train_windows, t.batch_size, t.seed, dp_rank, dp_world)
