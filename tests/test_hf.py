@@ -175,3 +175,42 @@ def test_cached_decode_equals_the_full_forward_for_both_families():
         # fp32; the cached path sums the same products over the same keys, in SDPA's other
         # kernels (one query row, or an explicit mask): rounding-level differences.
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_continued_pretraining_of_an_imported_model_on_two_processes(hf_models, small_data, tmp_path):
+    from conftest import losses
+    from stoker.data.prepare import prepare
+    from stoker.generate import evaluate
+
+    root, made = hf_models
+    run = root / "llama-run"
+    data = tmp_path / "data"
+    prepare([default_sources()[0] / "json", default_sources()[0] / "email"], data, val_fraction=0.2,
+            progress=False, tokenizer=run)
+    assert (data / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    before = evaluate(run, batches=2, batch_size=4, data_dir=data, seq_len=32)
+    out = tmp_path / "cont"
+    # FSDP over 2 processes, from the imported weights, with a learning rate so small that
+    # the weights stay where they started: what the run holds after 2 steps is what it loaded.
+    r = subprocess.run([sys.executable, "-m", "stoker", "train", f"--model.init_from={run}", f"--data.dir={data}",
+                        f"--train.out_dir={out}", "--train.steps=2", "--train.lr=1e-7", "--train.warmup_steps=0",
+                        "--train.seq_len=32", "--train.batch_size=4", "--train.eval_every=0", "--train.progress=false",
+                        "--parallel.dp_shard=2", "--nproc=2"],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                          "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(losses(out)) == [1, 2]
+    a, _, _ = load_trained(run)
+    b, tok, step = load_trained(out)
+    assert step == 2 and tok.eot == "<|endoftext|>"
+    for (name, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        # Adam moves each weight by about lr per step: 2e-7 at most; a fresh init is ~0.02 away.
+        assert (va - vb).abs().max() < 1e-5, name
+    after = evaluate(out, batches=2, batch_size=4, data_dir=data)  # its own train.seq_len: 32
+    # The same weights to ~1e-7 on the same windows: the same loss to well under a step's change.
+    assert abs(after["val_loss"] - before["val_loss"]) < 1e-4
+    # Data tokenized another way is refused, in one line.
+    bad = subprocess.run([sys.executable, "-m", "stoker", "train", f"--model.init_from={run}",
+                          f"--data.dir={small_data}", f"--train.out_dir={tmp_path / 'x'}"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "stoker prepare --tokenizer" in bad.stderr

@@ -70,7 +70,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from stoker.data.prepare import prepare, summary_table
 
     try:
-        summary = prepare(args.sources or None, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+        summary = prepare(args.sources or None, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                          tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     Console().print(summary_table(summary))
@@ -136,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stoker.generate import evaluate
 
     try:
-        r = evaluate(args.run_dir, batches=args.batches, data_dir=args.data)
+        r = evaluate(args.run_dir, batches=args.batches, data_dir=args.data, seq_len=args.seq_len)
     except ConfigError as e:
         return _fail(str(e))
     print(f"step {r['step']}: val loss {r['val_loss']:.4f} nats/token, perplexity {r['perplexity']:.2f} "
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", required=True, help="output data directory")
     pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     pp.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    pp.add_argument("--tokenizer", metavar="DIR", default=None,
+                    help="use the tokenizer in DIR (tokenizer.json, e.g. a `stoker import` run) instead of training "
+                         "one: data for continued pre-training of that model")
 
     keys = ("config keys, with their defaults (a [section] key in CONFIG.toml, or --section.key=value):\n"
             + config_help())
@@ -328,11 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("config", nargs="?", help="TOML file with [model] [data] [train] [parallel] tables")
 
     pe = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
-    pe.add_argument("run_dir", help="a train.out_dir")
+    pe.add_argument("run_dir", help="a train.out_dir, or a run written by `stoker import`")
     pe.add_argument("--batches", type=int, default=16, help="val batches of 8 windows (default 16)")
     pe.add_argument("--data", metavar="DIR", default=None,
-                    help="prepared data to take the val split from (default: the run's data.dir); "
-                         "must be tokenized with the run's tokenizer")
+                    help="prepared data to take the val split from (default: the run's data.dir; needed for an "
+                         "imported model); must be tokenized with the run's tokenizer (stoker prepare --tokenizer RUN)")
+    pe.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per window (default: the run's train.seq_len; for an imported model the context, "
+                         "at most 1024)")
 
     pg = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     pg.add_argument("run_dir", nargs="?", help="a train.out_dir (with --server: a model name, default the first)")

@@ -37,9 +37,14 @@ class ModelConfig:
     n_embd: int | None = _opt(None, "embedding width (unset: the preset's)")
     n_head: int | None = _opt(None, "attention heads, dividing model.n_embd (unset: the preset's)")
     dropout: float = _opt(0.0, "dropout probability during training, 0 to 1")
+    init_from: str = _opt("", "a run directory (trained, or written by `stoker import`) whose latest weights a new "
+                              "run starts from; its model.json sets the architecture, in place of model.preset")
 
     def validate(self) -> None:
         _choice("model.preset", self.preset, list(PRESETS))
+        if self.init_from and (self.n_layer or self.n_embd or self.n_head):
+            raise ConfigError("model.init_from: the run's own model.json sets the shape; drop model.n_layer, "
+                              "model.n_embd and model.n_head")
         for name in ("n_layer", "n_embd", "n_head"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -152,17 +152,25 @@ def load_exported(path: str | Path, device: str = "cpu") -> GPT:
 
 
 @torch.no_grad()
-def evaluate(out_dir: str | Path, batches: int = 16, batch_size: int = 8, data_dir: str | Path | None = None) -> dict:
+def evaluate(out_dir: str | Path, batches: int = 16, batch_size: int = 8, data_dir: str | Path | None = None,
+             seq_len: int | None = None) -> dict:
     """Validation loss (nats/token) and perplexity over the first `batches` x `batch_size` val
     windows of `data_dir` (default: the run's data.dir, which may have moved since training)."""
     if batches < 1:
         raise ConfigError(f"--batches: must be >= 1, got {batches}")
-    run_model_config(out_dir)  # not a run: say so before anything else
-    cfg = load_config(Path(out_dir) / "config.toml")
+    gcfg = run_model_config(out_dir)  # not a run: say so before anything else
+    trained = (Path(out_dir) / "config.toml").is_file()  # an imported model has no training config
+    if not trained and data_dir is None:
+        raise ConfigError(f"--data: {out_dir} was not trained here (imported): give the data to measure on, "
+                          f"prepared with `stoker prepare --tokenizer {out_dir} ...`")
+    cfg = load_config(Path(out_dir) / "config.toml") if trained else None
+    seq_len = seq_len or (cfg.train.seq_len if cfg else min(gcfg.block_size, 1024))
+    if not 1 <= seq_len <= gcfg.block_size:
+        raise ConfigError(f"--seq-len: must be from 1 to the model's context {gcfg.block_size}, got {seq_len}")
     ddir = Path(data_dir if data_dir is not None else cfg.data.dir)
     where = "--data" if data_dir is not None else f"data.dir of {out_dir} (give another with --data DIR)"
     try:
-        windows = TokenWindows(load_split(ddir, "val"), cfg.train.seq_len)
+        windows = TokenWindows(load_split(ddir, "val"), seq_len)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     model, _, step = load_trained(out_dir)
@@ -175,7 +183,7 @@ def evaluate(out_dir: str | Path, batches: int = 16, batch_size: int = 8, data_d
         data = torch.from_numpy(np.stack([windows[j] for j in range(i, min(n, i + batch_size))]))
         total += loss_fn(model(data[:, :-1]), data[:, 1:]).item() * data.size(0)
     loss = total / n
-    return {"step": step, "val_loss": loss, "perplexity": math.exp(loss), "windows": n, "tokens": n * cfg.train.seq_len}
+    return {"step": step, "val_loss": loss, "perplexity": math.exp(loss), "windows": n, "tokens": n * seq_len}
 
 
 def _run_tokenizer(out: Path) -> Tokenizer:

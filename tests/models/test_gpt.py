@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
-from stoker.models.presets import GPT3_PAPER_PARAMS, PRESETS
+from stoker.models.presets import GPT3_PAPER_PARAMS, LLAMA_PUBLISHED_PARAMS, PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(GPT3_PAPER_PARAMS))
@@ -62,3 +62,43 @@ def test_causal_future_tokens_do_not_change_past_logits():
     b = a.clone()
     b[0, 10:] = torch.randint(0, 256, (10,))
     torch.testing.assert_close(model(a)[0, :10], model(b)[0, :10])
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_PUBLISHED_PARAMS))
+def test_llama_param_counts_equal_the_published_ones(name):
+    # Exact: the published figure is the sum of the released tensors, and the shapes are the same.
+    assert count_params(GPTConfig.from_preset(name)) == LLAMA_PUBLISHED_PARAMS[name]
+
+
+def test_llama_options_are_what_the_preset_says():
+    cfg = GPTConfig.from_preset("llama3-8b")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    attn, mlp = model.blocks["0"].attn, model.blocks["0"].mlp
+    assert model.wpe is None and model.lm_head.weight is not model.wte.weight
+    assert attn.k_proj.weight.shape == (8 * 128, 4096) and attn.q_proj.bias is None
+    assert mlp.gate.weight.shape == (14336, 4096) and isinstance(model.ln_f, torch.nn.RMSNorm)
+    with pytest.raises(ValueError, match="n_kv_head 3 does not divide n_head 4"):
+        GPTConfig.from_preset("llama-debug", n_kv_head=3)
+
+
+def test_llama3_rope_scaling_matches_the_reference_formula():
+    # Llama 3's rule, written out per frequency as its release describes it: wavelengths over
+    # 8192/1 slowed by 8, under 8192/4 kept, a linear blend of the two in between.
+    from stoker.models.gpt import rope_frequencies
+
+    cfg = GPTConfig.from_preset("llama3-8b")
+    got = rope_frequencies(cfg).double()
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).double() / 128))
+    want = []
+    for f in base.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < 8192 / 4:
+            want.append(f)
+        elif wavelen > 8192 / 1:
+            want.append(f / 8)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            want.append((1 - smooth) * f / 8 + smooth * f)
+    # fp32 frequencies against float64 ones: relative rounding of a few 1e-7.
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)

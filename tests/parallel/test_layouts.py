@@ -122,3 +122,29 @@ def test_compiled_blocks_match_eager(small_data, tmp_path, reference):
     # agreement at the layouts' tolerance, not bit for bit.
     run_train(small_data, tmp_path / "run", "--train.steps=4", f"--train.decay_steps={STEPS}", "--train.compile=true")
     assert_curves_close(losses(tmp_path / "run"), losses(reference), range(1, 5), LAYOUT_ATOL)
+
+
+@pytest.fixture(scope="module")
+def llama_reference(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "llama"
+    run_train(small_data, out, f"--train.steps={STEPS}", "--model.preset=llama-debug")
+    return out
+
+
+# The Llama family (RMSNorm, RoPE, SwiGLU, 2 key/value heads for 4 query heads, untied head):
+# tp 2 splits the key/value heads one per rank, with their two query heads each.
+LLAMA_LAYOUTS = {
+    "fsdp2": ["--parallel.dp_shard=2"],
+    "tp2": ["--parallel.tp=2"],
+    "pp2": ["--parallel.pp=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_LAYOUTS))
+def test_llama_layout_matches_single_process(small_data, tmp_path, llama_reference, name):
+    args = ["--model.preset=llama-debug", *LLAMA_LAYOUTS[name]]
+    run_train(small_data, tmp_path / "run", f"--train.steps={STEPS}", *args, nproc=_nproc(args))
+    ref, got = losses(llama_reference), losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_curves_close(got, ref, range(1, STEPS + 1), LAYOUT_ATOL)
+    assert ref[STEPS] < ref[1] - 0.3

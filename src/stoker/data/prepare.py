@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from stoker.data.tokenizer import CONFIG as TOKENIZER_CONFIG
 from stoker.data.tokenizer import FILENAME, Tokenizer, train_bpe
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
@@ -198,8 +199,11 @@ def prepare(
     val_fraction: float = 0.01,
     shard_tokens: int = 2**24,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> dict:
-    """Tokenize `sources` (default: the stdlib) into `out`; returns meta.json's content plus "seconds"."""
+    """Tokenize `sources` (default: the stdlib) into `out`; returns meta.json's content plus
+    "seconds". With `tokenizer` (a directory holding a tokenizer.json: an imported model's run,
+    say), its tokenizer is used instead of training one, so the data fits that model."""
     t0 = time.perf_counter()
     if not 257 <= vocab_size <= 2**32:
         raise ValueError(f"vocab_size: must be between 257 (256 bytes + end-of-text) and 2**32, got {vocab_size}")
@@ -226,8 +230,11 @@ def prepare(
         }
         _check_splits(docs, val_fraction)
 
-        bar.update(task, description=f"training BPE ({vocab_size:,} tokens)")
-        tok = Tokenizer(train_bpe(docs["train"], vocab_size))
+        if tokenizer is not None:
+            tok = Tokenizer.load(tokenizer)
+        else:
+            bar.update(task, description=f"training BPE ({vocab_size:,} tokens)")
+            tok = Tokenizer(train_bpe(docs["train"], vocab_size))
         dtype = dtype_for(tok.vocab_size)
 
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +261,8 @@ def prepare(
                                  "documents": len(texts), "bytes": sum(nbytes)}
                 total_bytes += sum(nbytes)
             tok.save(tmp)
+            if tokenizer is not None and (Path(tokenizer) / TOKENIZER_CONFIG).is_file():  # its end-of-text, chat template
+                shutil.copyfile(Path(tokenizer) / TOKENIZER_CONFIG, tmp / TOKENIZER_CONFIG)
             tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
             meta = {
                 "vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id, "splits": splits,

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 from stoker.errors import RunError
 from stoker.parallel.mesh import from_rank0
@@ -380,10 +380,12 @@ def _dcp_load(sd: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
-                    optimizers: list[torch.optim.Optimizer] | None = None, state: dict | None = None) -> dict:
+                    optimizers: list[torch.optim.Optimizer] | None = None, state: dict | None = None,
+                    restore_rng: bool = True) -> dict:
     """Collective: load model (and optimizer) state into already parallelized model parts,
-    whatever layout wrote it; restore this rank's RNG state. Returns trainer.json (pass
-    `state` when find_checkpoint already verified and read it)."""
+    whatever layout wrote it; restore this rank's RNG state (unless `restore_rng` is False:
+    a new run started from another's weights). Returns trainer.json (pass `state` when
+    find_checkpoint already verified and read it)."""
     path = Path(path)
     if state is None:
         try:
@@ -394,9 +396,9 @@ def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
         parts = [parts]
     if optimizers is None:
         for m in parts:
-            sd = {"model": m.state_dict()}
+            sd = {"model": get_model_state_dict(m)}
             _dcp_load(sd, path)
-            m.load_state_dict(sd["model"])
+            set_model_state_dict(m, sd["model"])
     else:
         per_part = _state_dicts(parts, optimizers)
         sd = {"model": {}, "optim": {}}
@@ -409,6 +411,8 @@ def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
         for m, (msd, osd), opt in zip(parts, per_part, optimizers):
             set_state_dict(m, opt, model_state_dict={k: sd["model"][k] for k in msd},
                            optim_state_dict={k: sd["optim"][k] for k in osd}, options=_OPTS)
+    if not restore_rng:
+        return state
     rank = dist.get_rank() if dist.is_initialized() else 0
     rngs = state["rng"]
     # On the same process count each rank gets its own state back; after a reshape the

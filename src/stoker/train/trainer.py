@@ -39,11 +39,41 @@ from stoker.train.schedule import lr_at, schedule_state
 
 def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
     m = cfg.model
+    if m.init_from:
+        return init_config(cfg, vocab_size)
     try:
         return GPTConfig.from_preset(m.preset, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
                                      vocab_size=vocab_size, block_size=cfg.train.seq_len, dropout=m.dropout)
     except ValueError as e:  # a shape that does not hold together: n_head and n_embd, say
         raise ConfigError(f"model: {e}") from None
+
+
+def init_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    """The architecture of model.init_from's run, checked against this run's data and layout."""
+    src = Path(cfg.model.init_from)
+    spec = src / "model.json"
+    if not spec.is_file():
+        raise ConfigError(f"model.init_from: {src} is not a run directory (no model.json); `stoker import` or "
+                          "`stoker train` writes one")
+    try:
+        gcfg = GPTConfig(**{**json.loads(spec.read_text()), "dropout": cfg.model.dropout})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.init_from: {spec}: {e}") from None
+    mine, theirs = Path(cfg.data.dir) / "tokenizer.json", src / "tokenizer.json"
+    if not theirs.is_file() or mine.read_bytes() != theirs.read_bytes():
+        raise ConfigError(f"data.dir: {cfg.data.dir} was not tokenized with {src}'s tokenizer; prepare it with "
+                          f"`stoker prepare --tokenizer {src} ...`")
+    if vocab_size > gcfg.vocab_size:
+        raise ConfigError(f"data.dir: {vocab_size} token ids, more than the model's {gcfg.vocab_size}")
+    if cfg.train.seq_len > gcfg.block_size:
+        raise ConfigError(f"train.seq_len: {cfg.train.seq_len} is longer than the model's context {gcfg.block_size}")
+    tp, pcfg = cfg.parallel.tp, cfg.parallel
+    if gcfg.n_head % tp or gcfg.kv_heads % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide the model's {gcfg.n_head} heads and {gcfg.kv_heads} "
+                          "key/value heads")
+    if pcfg.n_stages > gcfg.n_layer:
+        raise ConfigError(f"parallel.pp: {pcfg.n_stages} pipeline stages for the model's {gcfg.n_layer} layers")
+    return gcfg
 
 
 def build_model(gcfg: GPTConfig, seed: int, device: torch.device) -> GPT:
@@ -334,6 +364,13 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             raise ConfigError(f"train: {e}") from None
         load_checkpoint(ckpt, parts, optimizers, state=state)
         start = state["step"]
+    elif cfg.model.init_from:
+        init = find_checkpoint(cfg.model.init_from)
+        if init is None:
+            raise ConfigError(f"model.init_from: {cfg.model.init_from} holds no complete checkpoint")
+        load_checkpoint(init[0], parts, state=init[1], restore_rng=False)  # the weights; the optimizer starts anew
+        if info.is_main:
+            print(f"starting from the weights of {init[0]}", flush=True)
     # DiLoCo takes its anchor from the weights as loaded; its own and PowerSGD's per-rank state
     # come back only from a checkpoint written with the same setting and process count.
     syncer = DiLoCo(_unwrap(parts[0]), replicas, pcfg) if pcfg.sync != "step" else None
@@ -350,6 +387,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         # The run directory carries what inference needs, independent of the data directory.
         (out / "model.json").write_text(json.dumps(asdict(gcfg), indent=1))
         shutil.copyfile(Path(cfg.data.dir) / "tokenizer.json", out / "tokenizer.json")
+        if (Path(cfg.data.dir) / "tokenizer_config.json").is_file():  # an imported model's eos and chat template
+            shutil.copyfile(Path(cfg.data.dir) / "tokenizer_config.json", out / "tokenizer_config.json")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if found is not None else None) if info.is_main else None
 
     fpt = flops_per_token(gcfg, t.seq_len)
