@@ -19,6 +19,10 @@ from stoker.models.hf import export_hf, import_hf
 
 transformers = pytest.importorskip("transformers")
 
+# Llama 3's chat format, in the Jinja that chat templates are written in.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+                 "+ m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 TEXT = "def add(a, b):\n    return a + b  # sum\n\nclass Füße:\n    \"\"\"ünïcödé ✓ 😀 tabs\tand  spaces\"\"\"\n"
 
 
@@ -33,12 +37,14 @@ def _tokenizer(dest, llama: bool):
     tok = train_bpe(_texts(), 400)
     kw = {"eos_token": "<|endoftext|>"}
     if llama:
-        tok.add_special_tokens(["<|begin_of_text|>"])
+        tok.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                            special_tokens=[("<|begin_of_text|>", bos)])
         kw["bos_token"] = "<|begin_of_text|>"
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+    if llama:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(dest)
     return fast
 
@@ -214,3 +220,32 @@ def test_continued_pretraining_of_an_imported_model_on_two_processes(hf_models, 
                           f"--data.dir={small_data}", f"--train.out_dir={tmp_path / 'x'}"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "stoker prepare --tokenizer" in bad.stderr
+
+
+def test_chat_template_renders_and_encodes_as_transformers_does(hf_models):
+    root, made = hf_models
+    ref, ref_tok = made["llama"]
+    tok = load_trained(root / "llama-run")[1]
+    messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "What is 2 + 2?"}]
+    want = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert tok.chat_ids(messages) == want
+    assert tok.chat(messages).startswith("<|begin_of_text|><|start_header_id|>system")
+    # A template cannot reach Python: the sandbox refuses attribute access to internals.
+    tok.chat_template = "{{ messages.__class__.__mro__ }}"
+    with pytest.raises(ValueError, match="chat template"):
+        tok.chat(messages)
+    # `generate --chat`: the reply to one user message, greedy, as transformers generates it.
+    prompt = ref_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    r = subprocess.run([sys.executable, "-m", "stoker", "generate", str(root / "llama-run"), "--chat", "--prompt", "hi",
+                        "--temperature", "0", "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(out) + "\n"
+    gpt2 = subprocess.run([sys.executable, "-m", "stoker", "generate", str(root / "gpt2-run"), "--chat", "--prompt",
+                           "hi"], capture_output=True, text=True)
+    assert gpt2.returncode == 2 and "no chat template" in gpt2.stderr

@@ -146,6 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.server and args.chat:
+        return _fail("--chat: not with --server yet; run it on the model directory")
     if args.server:
         return _generate_remote(args)
     from stoker.generate import generate
@@ -164,7 +166,7 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
         return _launch(args.tp, argv)  # this same command in each of tp processes
     try:
         text = generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                        tp=args.tp)
+                        tp=args.tp, chat=args.chat)
     except ConfigError as e:
         return _fail(str(e))
     finally:
@@ -172,7 +174,7 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(args.prompt + text)
+        print(text if args.chat else args.prompt + text)
     return 0
 
 
@@ -348,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     pg.add_argument("--top-k", type=int, default=50, help="sample from the K most likely tokens (0: all)")
     pg.add_argument("--seed", type=int, default=None)
+    pg.add_argument("--chat", action="store_true",
+                    help="the prompt is a user's message: put it in the model's chat template (an imported model's "
+                         "tokenizer_config.json) and print the reply")
     pg.add_argument("--tp", type=int, default=1,
                     help="split the model over N processes by tensor parallelism (launches torchrun)")
     pg.add_argument("--server", metavar="URL", help="ask a `stoker serve` server instead of loading the model "

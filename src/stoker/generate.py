@@ -94,13 +94,14 @@ def sample(
 
 def generate(
     out_dir: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-    top_k: int | None = 50, seed: int | None = None, tp: int = 1,
+    top_k: int | None = 50, seed: int | None = None, tp: int = 1, chat: bool = False,
 ) -> str:
     """The prompt's continuation from the latest checkpoint of `out_dir`.
 
     tp > 1 splits the model over that many processes by tensor parallelism: call it in every
     process of a torchrun launch of `tp` processes (`stoker generate --tp N` does that). Every
     rank computes the same whole logits, so with one seed they all sample the same tokens.
+    With `chat`, the prompt is a user's message, put in the model's chat template.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
@@ -119,7 +120,13 @@ def generate(
         seed = 0 if seed is None else seed  # the ranks must draw the same samples
     model, tok, _ = load_trained(out_dir, device="cuda" if mesh is not None and mesh.device_type == "cuda" else "cpu",
                                  tp_mesh=mesh)
-    ids = tok.encode(prompt) or [tok.eot_id]
+    if chat:
+        try:
+            ids = tok.chat_ids([{"role": "user", "content": prompt}])
+        except ValueError as e:
+            raise ConfigError(f"--chat: {e}") from None
+    else:
+        ids = tok.encode(prompt) or [tok.eot_id]
     return tok.decode(sample(model, ids, max_new_tokens, temperature, top_k, seed, stop_id=tok.eot_id))
 
 

@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from stoker.data.tokenizer import CONFIG as TOKENIZER_CONFIG
 from stoker.data.tokenizer import FILENAME, Tokenizer, train_bpe
+from stoker.data.tokenizer import copy_files as copy_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
@@ -261,8 +261,8 @@ def prepare(
                                  "documents": len(texts), "bytes": sum(nbytes)}
                 total_bytes += sum(nbytes)
             tok.save(tmp)
-            if tokenizer is not None and (Path(tokenizer) / TOKENIZER_CONFIG).is_file():  # its end-of-text, chat template
-                shutil.copyfile(Path(tokenizer) / TOKENIZER_CONFIG, tmp / TOKENIZER_CONFIG)
+            if tokenizer is not None:  # its end-of-text token and chat template too
+                copy_tokenizer(tokenizer, tmp, skip=(FILENAME,))
             tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
             meta = {
                 "vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id, "splits": splits,

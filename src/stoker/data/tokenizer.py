@@ -12,6 +12,16 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 EOT = "<|endoftext|>"
 FILENAME = "tokenizer.json"
 CONFIG = "tokenizer_config.json"  # an imported model's: its end-of-text token, chat template
+TEMPLATE = "chat_template.jinja"  # where newer transformers keep the chat template
+# What travels with a tokenizer from directory to directory (data, run, model export).
+FILES = (FILENAME, CONFIG, TEMPLATE, "special_tokens_map.json")
+
+
+def copy_files(src: str | Path, dst: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """The tokenizer's files that `src` has, copied into `dst`."""
+    for name in FILES:
+        if name not in skip and (Path(src) / name).is_file():
+            (Path(dst) / name).write_bytes((Path(src) / name).read_bytes())
 
 
 # The BPE trainer's time grows faster than linearly with the length of one pre-tokenized
@@ -72,31 +82,74 @@ class Tokenizer:
             raise ValueError(f"tokenizer has no {eot} token")
         self._eot, self.eot = eot_id, eot
         self.chat_template = chat_template
+        self.specials: dict[str, str] = {}  # bos_token, eos_token, ... by name, for chat templates
+        self._chat_tok: HFTokenizer | None = None
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "Tokenizer":
         """tokenizer.json from `data_dir`; with an imported model's tokenizer_config.json beside
-        it, its end-of-text (eos) token and chat template."""
+        it, its end-of-text (eos) token and chat template (or chat_template.jinja's)."""
         path = Path(data_dir) / FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}; run `stoker prepare` first")
-        eot, template = EOT, None
         config = Path(data_dir) / CONFIG
+        specials: dict[str, str] = {}
+        template = None
         if config.is_file():
             try:
                 c = json.loads(config.read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 raise ValueError(f"{config}: not JSON ({e})") from None
-            eos = c.get("eos_token")
-            eot = (eos.get("content") if isinstance(eos, dict) else eos) or EOT
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+                v = c.get(key)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    specials[key] = v
             template = c.get("chat_template") if isinstance(c.get("chat_template"), str) else None
-        return cls(HFTokenizer.from_file(str(path)), eot, template)
+        if template is None and (Path(data_dir) / TEMPLATE).is_file():
+            template = (Path(data_dir) / TEMPLATE).read_text()
+        tok = cls(HFTokenizer.from_file(str(path)), specials.get("eos_token", EOT), template)
+        tok.specials = specials
+        return tok
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model was tuned to read it: its chat template (Jinja, from
+        tokenizer_config.json) rendered in a sandbox, so a template from elsewhere cannot run
+        code. Encode the result with `encode(text, special=False)`: the template places the
+        special tokens itself. ValueError when the tokenizer has no template."""
+        if not self.chat_template:
+            raise ValueError("this model's tokenizer has no chat template (tokenizer_config.json's chat_template)")
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of `chat(messages)`. Unlike `encode`, special-token strings in it are the
+        special tokens (the template's markers are written as text), as transformers' own
+        apply_chat_template reads them; a user's message that spells one out gets it too."""
+        if self._chat_tok is None:  # its own instance: `encode` keeps reading special strings as text
+            self._chat_tok = HFTokenizer.from_str(self._tok.to_str())
+            self._chat_tok.encode_special_tokens = False
+        return self._chat_tok.encode(self.chat(messages, add_generation_prompt), add_special_tokens=False).ids
 
     def save(self, data_dir: str | Path) -> None:
         self._tok.save(str(Path(data_dir) / FILENAME))
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Ids of `text`, with the special tokens the tokenizer adds around a text (an imported
+        model's beginning-of-text, say) unless `special` is False."""
+        return self._tok.encode(text, add_special_tokens=special).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._encode_batch(texts)]

@@ -235,7 +235,6 @@ def _read_json(path: Path) -> dict:
     return d
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def import_hf(src: str | Path, out: str | Path, progress: bool = True) -> Path:
@@ -246,6 +245,7 @@ def import_hf(src: str | Path, out: str | Path, progress: bool = True) -> Path:
     from safetensors import SafetensorError, safe_open
 
     from stoker.data.tokenizer import Tokenizer
+    from stoker.data.tokenizer import copy_files as copy_tokenizer
     from stoker.models.gpt import GPT
     from stoker.train.checkpoint import save_checkpoint
 
@@ -304,9 +304,7 @@ def import_hf(src: str | Path, out: str | Path, progress: bool = True) -> Path:
                                                                           if len(missing) > 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.json").write_text(json.dumps(_asdict(cfg), indent=1))
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            (out / name).write_bytes((src / name).read_bytes())
+    copy_tokenizer(src, out)
     save_checkpoint(out, 0, [model], None, {"loader": {}, "imported_from": str(src.resolve()), "dtype": str(dtype)},
                     keep_last=1)
     return out
@@ -323,6 +321,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load."""
     from safetensors.torch import save_file
 
+    from stoker.data.tokenizer import copy_files as copy_tokenizer
     from stoker.generate import load_trained
 
     run, out = Path(run), Path(out)
@@ -336,16 +335,10 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     config["eos_token_id"] = config["bos_token_id"] = tok.eot_id
     (out / "config.json").write_text(json.dumps(config, indent=1))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "stoker_step": str(step)})
-    (out / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
-    tc = run / "tokenizer_config.json"
-    if tc.is_file():
-        (out / "tokenizer_config.json").write_bytes(tc.read_bytes())
-    else:  # a tokenizer stoker trained: one end-of-text token, byte-level BPE
+    copy_tokenizer(run, out)
+    if not (run / "tokenizer_config.json").is_file():  # a tokenizer stoker trained: one end-of-text token
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eot, "bos_token": tok.eot,
              "unk_token": tok.eot, "model_max_length": cfg.block_size, "clean_up_tokenization_spaces": False},
             indent=1))
-    for name in ("special_tokens_map.json", "generation_config.json"):
-        if (run / name).is_file():
-            (out / name).write_bytes((run / name).read_bytes())
     return out

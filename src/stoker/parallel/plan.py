@@ -215,14 +215,20 @@ class ModelSpec:
     block_size: int
     bias: bool = True
     preset: str | None = None  # the preset it came from, for the command lines
+    n_kv_head: int | None = None  # the Llama options, as in GPTConfig
+    ffn_hidden: int | None = None
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    pos: str = "learned"
+    tie_embeddings: bool = True
+
+    ARCH = ("n_kv_head", "ffn_hidden", "norm", "mlp", "pos", "tie_embeddings")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelSpec":
         if name not in PRESETS:
             raise ConfigError(f"model.preset: {name!r} is not valid; valid: {', '.join(PRESETS)}")
-        p = PRESETS[name]
-        kw = dict(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head, vocab_size=p.vocab_size,
-                  block_size=p.block_size)
+        kw = {k: v for k, v in PRESETS[name].fields().items() if k in {f.name for f in dataclasses.fields(cls)}}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(preset=name, **kw)
 
@@ -230,7 +236,8 @@ class ModelSpec:
     def of(cls, model: "ModelSpec | GPTConfig", seq_len: int | None = None) -> "ModelSpec":
         """From a ModelSpec or a GPTConfig; the trainer sets block_size to train.seq_len."""
         spec = model if isinstance(model, ModelSpec) else cls(
-            model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.block_size, model.bias)
+            model.n_layer, model.n_embd, model.n_head, model.vocab_size, model.block_size, model.bias,
+            **{k: getattr(model, k) for k in cls.ARCH})
         if seq_len is not None and seq_len != spec.block_size:
             spec = dataclasses.replace(spec, block_size=seq_len)
         for name in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size"):
@@ -241,28 +248,30 @@ class ModelSpec:
         return spec
 
     # Every tensor as (shape, how tensor parallel splits it: dim 0, dim 1, or not at all),
-    # following parallelize.tp_plan: q/k/v/fc column-wise (dim 0 of the weight and the bias),
-    # o_proj/proj row-wise (dim 1, the bias stays whole), norms whole, both embeddings by rows.
+    # following parallelize.tp_plan: q/k/v/fc/gate column-wise (dim 0 of the weight and the
+    # bias), o_proj/proj row-wise (dim 1, the bias stays whole), norms whole, embeddings by rows.
     def block_tensors(self) -> list[tuple[tuple[int, ...], int | None]]:
-        c = self.n_embd
-        norm = [((c,), None)] * (2 if self.bias else 1)
+        c, f = self.n_embd, self.ffn_hidden or 4 * self.n_embd
+        kv = (self.n_kv_head or self.n_head) * (c // self.n_head)
+        norm = [((c,), None)] * (2 if self.bias and self.norm == "layernorm" else 1)
         out = list(norm)
-        for _ in range(3):  # q, k, v
-            out += [((c, c), 0)] + ([((c,), 0)] if self.bias else [])
+        for rows in (c, kv, kv):  # q, k, v
+            out += [((rows, c), 0)] + ([((rows,), 0)] if self.bias else [])
         out += [((c, c), 1)] + ([((c,), None)] if self.bias else [])  # o_proj
         out += norm
-        out += [((4 * c, c), 0)] + ([((4 * c,), 0)] if self.bias else [])  # fc
-        out += [((c, 4 * c), 1)] + ([((c,), None)] if self.bias else [])  # proj
+        for _ in range(2 if self.mlp == "swiglu" else 1):  # fc (and gate)
+            out += [((f, c), 0)] + ([((f,), 0)] if self.bias else [])
+        out += [((c, f), 1)] + ([((c,), None)] if self.bias else [])  # proj
         return out
 
     def wte(self) -> tuple[tuple[int, ...], int | None]:
         return (self.vocab_size, self.n_embd), 0
 
     def wpe(self) -> tuple[tuple[int, ...], int | None]:
-        return (self.block_size, self.n_embd), 0
+        return (self.block_size if self.pos == "learned" else 0, self.n_embd), 0
 
     def ln_f(self) -> list[tuple[tuple[int, ...], int | None]]:
-        return [((self.n_embd,), None)] * (2 if self.bias else 1)
+        return [((self.n_embd,), None)] * (2 if self.bias and self.norm == "layernorm" else 1)
 
     @functools.cached_property
     def block_params(self) -> int:
@@ -270,19 +279,21 @@ class ModelSpec:
 
     @functools.cached_property
     def params(self) -> int:
-        """As models.gpt.count_params: the tied head counted once."""
-        return (self.n_layer * self.block_params + self.vocab_size * self.n_embd + self.block_size * self.n_embd
-                + sum(math.prod(s) for s, _ in self.ln_f()))
+        """As models.gpt.count_params: a tied head counted once."""
+        head = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
+        return (self.n_layer * self.block_params + self.vocab_size * self.n_embd + math.prod(self.wpe()[0])
+                + sum(math.prod(s) for s, _ in self.ln_f()) + head)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """As models.gpt.flops_per_token: 6N (without the position lookup) plus attention."""
-        return 6.0 * (self.params - self.block_size * self.n_embd) + 12.0 * self.n_layer * seq_len * self.n_embd
+        """As models.gpt.flops_per_token: 6N (without the lookups) plus attention."""
+        lookups = math.prod(self.wpe()[0]) + (0 if self.tie_embeddings else self.vocab_size * self.n_embd)
+        return 6.0 * (self.params - lookups) + 12.0 * self.n_layer * seq_len * self.n_embd
 
     def matrices(self) -> list[tuple[int, int]]:
         """Shapes of the 2-D weights, which PowerSGD compresses."""
-        c = self.n_embd
-        return ([(self.vocab_size, c), (self.block_size, c)]
-                + [(c, c)] * 4 * self.n_layer + [(4 * c, c), (c, 4 * c)] * self.n_layer)
+        return ([self.wte()[0]] + ([self.wpe()[0]] if self.pos == "learned" else [])
+                + ([self.wte()[0]] if not self.tie_embeddings else [])
+                + [s for s, _ in self.block_tensors() if len(s) == 2] * self.n_layer)
 
 
 def _local_numel(tensors, tp: int, shard: int) -> int:
@@ -362,7 +373,7 @@ def _stages(m: ModelSpec, pp: int) -> tuple[_Stage, ...]:
     if pp == 1:
         return (_Stage(m.n_layer, True, True),)
     first = math.prod(m.wte()[0]) + math.prod(m.wpe()[0])
-    last = math.prod(m.wte()[0]) + sum(math.prod(s) for s, _ in m.ln_f())
+    last = math.prod(m.wte()[0]) + sum(math.prod(s) for s, _ in m.ln_f())  # the head: wte's shape
     sizes = stage_blocks(m.n_layer, m.block_params, first, last, pp)
     return tuple(_Stage(n, i == 0, i == pp - 1) for i, n in enumerate(sizes))
 
@@ -376,10 +387,10 @@ def _block_local(m: ModelSpec, tp: int, shard: int) -> int:
 def _root_local(m: ModelSpec, first: bool, last: bool, tp: int, shard: int) -> int:
     """Elements of a stage's tensors outside its blocks: embeddings, final norm."""
     root = []
-    if first or last:
-        root.append(m.wte())  # the last stage keeps its own copy of the tied weight
     if first:
-        root.append(m.wpe())
+        root += [m.wte(), m.wpe()]
+    if last and not (first and m.tie_embeddings):
+        root.append(m.wte())  # the head: the last stage's copy of a tied weight, or its own
     if last:
         root += m.ln_f()
     return _local_numel(root, tp, shard)

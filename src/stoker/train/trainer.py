@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
 from stoker.data.prepare import load_meta, load_split
+from stoker.data.tokenizer import copy_files as copy_tokenizer
 from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
 from stoker.parallel.mesh import (DistInfo, build_mesh, dp_rank_world, from_rank0, init_distributed, local_shard,
                                   shutdown)
@@ -386,9 +386,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         cfg.save(out / "config.toml")
         # The run directory carries what inference needs, independent of the data directory.
         (out / "model.json").write_text(json.dumps(asdict(gcfg), indent=1))
-        shutil.copyfile(Path(cfg.data.dir) / "tokenizer.json", out / "tokenizer.json")
-        if (Path(cfg.data.dir) / "tokenizer_config.json").is_file():  # an imported model's eos and chat template
-            shutil.copyfile(Path(cfg.data.dir) / "tokenizer_config.json", out / "tokenizer_config.json")
+        copy_tokenizer(cfg.data.dir, out)  # and an imported model's eos and chat template
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if found is not None else None) if info.is_main else None
 
     fpt = flops_per_token(gcfg, t.seq_len)
