@@ -106,6 +106,18 @@ def test_imported_model_gives_transformers_logits_and_greedy_tokens(hf_models, n
         hf_out = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                               eos_token_id=None, pad_token_id=ref_tok.eos_token_id)[0, len(prompt):].tolist()
     assert sample(model, prompt, 20, temperature=0) == hf_out
+    # The serving engine (batched decode over the model's cached path, GQA caches for Llama)
+    # gives the same tokens, alone and beside other requests.
+    from stoker.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        params = SamplingParams(max_tokens=20, temperature=0)
+        others = [engine.submit(ids[i:i + 5], params, lambda ev: None) for i in (3, 9, 30)]
+        got = engine.generate(prompt, params).token_ids
+        assert others and got == hf_out[: len(got)] and (len(got) == 20 or hf_out[len(got)] == tok.eot_id)
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -133,6 +145,19 @@ def test_export_round_trip(hf_models, tmp_path, name):
         assert ka == kb and torch.equal(va, vb), ka
 
 
+def test_sharded_weights_with_their_index_import_the_same(hf_models, tmp_path):
+    root, made = hf_models
+    ref, ref_tok = made["llama"]
+    ref.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    ref_tok.save_pretrained(tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    run = import_hf(tmp_path / "sharded", tmp_path / "run", progress=False)
+    a, _, _ = load_trained(run)
+    b, _, _ = load_trained(root / "llama-run")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
 def test_import_errors_are_one_line(hf_models, tmp_path):
     root, _ = hf_models
     cases = []
@@ -154,6 +179,15 @@ def test_import_errors_are_one_line(hf_models, tmp_path):
     cfg = json.loads((wrong / "config.json").read_text())
     (wrong / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
     with pytest.raises(ConfigError, match=r"mlp\.\w+_proj\.weight. has shape \((88, 32|32, 88)\); the config makes it \((96, 32|32, 96)\)"):
+        import_hf(wrong, tmp_path / "out", progress=False)
+    # A tensor missing from the weights: named.
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    tensors = load_file(wrong / "model.safetensors")
+    del tensors["model.layers.1.mlp.gate_proj.weight"]
+    save_file(tensors, wrong / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"the weights lack 'blocks.1.mlp.gate.weight'$"):
         import_hf(wrong, tmp_path / "out", progress=False)
     # Pickle weights only: refused, never loaded.
     (wrong / "model.safetensors").rename(wrong / "pytorch_model.bin")

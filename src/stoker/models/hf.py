@@ -270,8 +270,8 @@ def import_hf(src: str | Path, out: str | Path, progress: bool = True) -> Path:
     files = weight_files(src)
     with torch.device("meta"):
         model = GPT(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     dtype = None
-    params = dict(model.named_parameters())
     seen: set[str] = set()
     for n, path in enumerate(files):
         if progress:
@@ -280,25 +280,22 @@ def import_hf(src: str | Path, out: str | Path, progress: bool = True) -> Path:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     for name, t in to_stoker(key, f.get_tensor(key), cfg):
-                        if name not in params:
+                        if name not in shapes:
                             raise ConfigError(f"{path.name}: tensor {key!r} has no place in this model")
-                        p = params[name]
-                        if tuple(t.shape) != tuple(p.shape):
+                        if tuple(t.shape) != shapes[name]:
                             raise ConfigError(f"{path.name}: tensor {key!r} has shape {tuple(t.shape)}; the config "
-                                              f"makes it {tuple(p.shape)}")
-                        if dtype is None:  # the first tensor sets the dtype the model is built in
-                            dtype = t.dtype if t.is_floating_point() else torch.float32
-                            model.to_empty(device="cpu")
-                            model = model.to(dtype)
-                            model.tie_weights()
-                            params = dict(model.named_parameters())
-                            p = params[name]
-                        with torch.no_grad():
-                            p.copy_(t)
+                                              f"makes it {shapes[name]}")
+                        dtype = dtype or (t.dtype if t.is_floating_point() else torch.float32)
+                        # The tensor read becomes the parameter itself: no second copy of the weights.
+                        module, _, attr = name.rpartition(".")
+                        param = torch.nn.Parameter(t.to(dtype).contiguous(), requires_grad=False)
+                        model.get_submodule(module).register_parameter(attr, param)
                         seen.add(name)
         except SafetensorError as e:
             raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
-    missing = sorted(set(params) - seen)
+    model.tie_weights()
+    missing = sorted(set(n for n, p in model.named_parameters() if p.is_meta) | (set(shapes) - seen - (
+        {"lm_head.weight"} if cfg.tie_embeddings else set())))
     if missing:
         raise ConfigError(f"{src}: the weights lack {missing[0]!r}" + (f" and {len(missing) - 1} more"
                                                                           if len(missing) > 1 else ""))
