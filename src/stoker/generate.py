@@ -29,7 +29,10 @@ def run_model_config(out_dir: str | Path, tp: int = 1) -> GPTConfig:
     if not spec.is_file():
         raise ConfigError(f"{str(out_dir)!r} is not a training run directory (no model.json); "
                           "train one with `stoker train`")
-    gcfg = GPTConfig(**json.loads(spec.read_text()))
+    try:
+        gcfg = GPTConfig(**json.loads(spec.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{spec}: not a model description ({e})") from None
     if gcfg.n_head % tp or gcfg.kv_heads % tp:
         raise ConfigError(f"--tp: {tp} does not divide the model's {gcfg.n_head} heads and {gcfg.kv_heads} "
                           "key/value heads")
@@ -153,7 +156,10 @@ def load_exported(path: str | Path, device: str = "cpu") -> GPT:
         meta = f.metadata() or {}
     if "stoker_model" not in meta:
         raise ConfigError(f"{str(path)!r} was not written by `stoker export` (no stoker_model metadata)")
-    model = GPT(GPTConfig(**json.loads(meta["stoker_model"])))
+    try:
+        model = GPT(GPTConfig(**json.loads(meta["stoker_model"])))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{str(path)!r}: its stoker_model metadata is not a model description ({e})") from None
     load_model(model, str(path), device=device)
     return model.eval()
 

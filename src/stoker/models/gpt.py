@@ -214,7 +214,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), cache))
+        x = x + self.drop(self.attn(self.ln_1(x), cache=cache))  # a keyword: TP's input hooks see x alone
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -299,7 +299,7 @@ class GPT(nn.Module):
             raise ValueError(f"position {end - 1} is past the context of {self.cfg.block_size} tokens")
         x = self._embed(idx, cache.positions(idx.size(1), idx.device))
         for block in self.blocks.values():
-            x = block(x, cache)
+            x = block(x, cache=cache)
         return self.lm_head(self.ln_f(x))
 
     def new_cache_buffer(self, capacity: int) -> torch.Tensor:

@@ -352,7 +352,12 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     found = find_checkpoint(out, set_aside=True)
     if found is not None:
         ckpt, state = found
-        saved = json.loads((out / "model.json").read_text()) if (out / "model.json").is_file() else asdict(gcfg)
+        saved = asdict(gcfg)
+        if (out / "model.json").is_file():
+            try:  # through GPTConfig: a model.json written before an option existed has its default
+                saved = asdict(GPTConfig(**json.loads((out / "model.json").read_text())))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"train.out_dir: {out / 'model.json'} is not a model description ({e})") from None
         diff = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(gcfg).items() if k != "dropout" and saved.get(k) != v]
         if diff:
             raise ConfigError(f"train.out_dir: {out} holds a run of another model shape ({', '.join(diff)}); "
