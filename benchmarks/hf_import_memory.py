@@ -63,11 +63,19 @@ def main() -> None:
     ap.add_argument("--preset", default="llama3-1b", help="the shape to build (default llama3-1b: 1.24B parameters)")
     ap.add_argument("--shard", default="1GB", help="the largest safetensors file transformers writes (default 1GB)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)  # the child that builds the model
     args = ap.parse_args()
+    if args.build:
+        print(build(Path(args.build), args.preset, args.shard))
+        return
+    # This process stays small: a child's peak RSS counts what it inherited at fork, so the
+    # model is built in a child of its own and every measured child forks from a small parent.
     work = Path(tempfile.mkdtemp(prefix="stoker-import-bench-"))
     try:
         t0 = time.perf_counter()
-        params = build(work / "hf", args.preset, args.shard)
+        made = subprocess.run([sys.executable, __file__, "--build", str(work / "hf"), "--preset", args.preset,
+                               "--shard", args.shard], capture_output=True, text=True, check=True)
+        params = int(made.stdout.split()[-1])
         built = time.perf_counter() - t0
         files = sorted((work / "hf").glob("*.safetensors"))
         weights = sum(f.stat().st_size for f in files)
