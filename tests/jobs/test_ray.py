@@ -86,7 +86,7 @@ def _train(data, out, steps):
 
 def test_stopped_train_job_checkpoints_and_resumes_when_resubmitted(ray_head, small_data, tmp_path):
     c = _client(tmp_path, ray_head.address)
-    out, steps = tmp_path / "run", 400
+    out, steps = tmp_path / "run", 200
     j = c.submit(command=_train(small_data, out, steps), name="train", workdir=tmp_path)
     deadline = time.time() + 180
     while not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 10):

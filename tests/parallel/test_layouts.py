@@ -137,7 +137,6 @@ LLAMA_LAYOUTS = {
     "fsdp2": ["--parallel.dp_shard=2"],
     "tp2": ["--parallel.tp=2"],
     "pp2": ["--parallel.pp=2"],
-    "hsdp2x2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
     # 3-D, 8 processes: TP x PP and FSDP x PP with the untied head on the last stage.
     "pp2_fsdp2_tp2": ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"],
 }

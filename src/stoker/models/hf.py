@@ -53,7 +53,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         if hf.get("head_dim") not in (None, hidden // heads):
             raise ConfigError(f"{where}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "
                               f"({hidden // heads}); stoker's model needs them equal")
-        if hf.get("attention_bias") != hf.get("mlp_bias", hf.get("attention_bias")):
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", hf.get("attention_bias", False))):
             raise ConfigError(f"{where}: attention_bias and mlp_bias differ; stoker's model has one bias setting")
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
