@@ -137,8 +137,8 @@ LLAMA_LAYOUTS = {
     "fsdp2": ["--parallel.dp_shard=2"],
     "tp2": ["--parallel.tp=2"],
     "pp2": ["--parallel.pp=2"],
-    # 3-D, 8 processes: TP x PP and FSDP x PP with the untied head on the last stage.
-    "pp2_fsdp2_tp2": ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.tp=2"],
+    # A combination, 4 processes: TP inside each pipeline stage, the untied head on the last.
+    "pp2_tp2": ["--parallel.pp=2", "--parallel.tp=2"],
 }
 
 
