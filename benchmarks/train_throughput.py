@@ -3,7 +3,10 @@
     python benchmarks/train_throughput.py --preset mini --dtype bf16 --nproc 1
 
 The plain loop is the model, AdamW and gradient clipping written out directly (no config,
-loader, checkpointing or metrics): the ratio stoker / plain is stoker's overhead. The two
+loader, checkpointing or metrics): the ratio stoker / plain is stoker's overhead. With
+`--baseline nanogpt` the loop runs nanoGPT's model shape instead (fused q/k/v, exact GELU,
+written in this file) and, with `--compile`, compiles it whole as nanoGPT does: the ratio is
+then stoker against the well-known way to train the same shape. The two
 are measured in the same script in two ways, `--repeats` rounds each:
 - sequentially, each alone with every core: tokens/s and MFU from the fastest step after
   warm-up (on a shared machine noise only ever adds time);
@@ -44,22 +47,76 @@ def synthetic_data(root: Path, tokens: int = 2_000_000) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", tokens), ("val", tokens // 20)):
         rng.integers(0, VOCAB, n, dtype=np.uint16).tofile(d / f"{split}_00000.bin")
+    sizes = {"train": tokens, "val": tokens // 20}
     meta = {"vocab_size": VOCAB, "dtype": "uint16", "eot_id": 0,
-            "splits": {s: {"shards": [f"{s}_00000.bin"]} for s in ("train", "val")}}
+            "splits": {s: {"shards": [f"{s}_00000.bin"], "tokens": n, "shard_tokens": [n]} for s, n in sizes.items()}}
     (d / "meta.json").write_text(json.dumps(meta))
     (d / "tokenizer.json").write_text("{}")  # copied into the run directory, never read here
     return d
 
 
+class NanoBlock(torch.nn.Module):
+    """nanoGPT's block, written here: fused q/k/v (c_attn), exact GELU, LayerNorm with bias."""
+
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(c), torch.nn.LayerNorm(c)
+        self.c_attn, self.c_proj = torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
+        self.c_fc, self.mlp_proj = torch.nn.Linear(c, 4 * c), torch.nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(torch.nn.functional.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(torch.nn.Module):
+    """nanoGPT's model shape (Karpathy's model.py), for the baseline: tied head, learned positions."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.wte = torch.nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = torch.nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.h = torch.nn.ModuleList(NanoBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer))
+        self.ln_f = torch.nn.LayerNorm(cfg.n_embd)
+        self.lm_head = torch.nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight")
+                                      else 0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
 def plain_worker(args: argparse.Namespace) -> None:
-    """The baseline: one process, or one rank under torchrun with DDP."""
+    """The baseline: one process, or one rank under torchrun with DDP. `--baseline plain` is
+    stoker's model in a bare loop; `nanogpt` is nanoGPT's model shape and loop, compiled whole
+    with `--compile` as nanoGPT does (stoker's model compiles block by block)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(args.preset, vocab_size=VOCAB, block_size=args.seq_len)
-    model = GPT(cfg)
+    if args.baseline == "nanogpt":
+        model = NanoGPT(cfg)
+        if args.compile:
+            model = torch.compile(model)
+    else:
+        model = GPT(cfg)
+        if args.compile:
+            from stoker.parallel.parallelize import apply_compile
+
+            apply_compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -84,7 +141,8 @@ def plain_worker(args: argparse.Namespace) -> None:
 
 def _plain_cmd(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, __file__, "--plain-worker", f"--preset={args.preset}", f"--dtype={args.dtype}",
-           f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--steps={args.steps}"]
+           f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--steps={args.steps}",
+           f"--baseline={args.baseline}"] + (["--compile"] if args.compile else [])
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *cmd[1:]]
     return cmd
@@ -94,7 +152,8 @@ def _stoker_cmd(args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "stoker", "train", f"--model.preset={args.preset}", f"--data.dir={data}",
            f"--train.out_dir={out}", f"--train.steps={args.steps}", f"--train.batch_size={args.batch_size}",
            f"--train.seq_len={args.seq_len}", f"--train.dtype={args.dtype}", "--train.eval_every=0",
-           "--train.eval_batches=1", "--train.ckpt_every=0", "--train.progress=false", f"--nproc={args.nproc}"]
+           "--train.eval_batches=1", "--train.ckpt_every=0", "--train.progress=false", f"--nproc={args.nproc}",
+           f"--train.compile={'true' if args.compile else 'false'}"]
     if args.nproc > 1:
         cmd.append(f"--parallel.dp_replicate={args.nproc}")
     return cmd
@@ -153,6 +212,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="steps per run, the first two left out as warm-up")
     p.add_argument("--repeats", type=int, default=2, help="rounds of each measurement")
+    p.add_argument("--baseline", default="plain", choices=("plain", "nanogpt"),
+                   help="plain: stoker's model in a bare loop (stoker's overhead); nanogpt: nanoGPT's model and loop")
+    p.add_argument("--compile", action="store_true", help="torch.compile both (nanoGPT whole-model, stoker per block)")
     p.add_argument("--out", default="runs/bench/train_throughput.json")
     p.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -177,6 +239,7 @@ def main() -> None:
     ratio = math.exp(statistics.mean(math.log(r) for r in pairs)) if pairs else s_tps / p_tps
     result = {
         "preset": args.preset, "params": sum(p.numel() for p in GPT(cfg).parameters()), "dtype": args.dtype,
+        "baseline": args.baseline, "compile": args.compile,
         "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "peak_flops": peak, "flops_per_token": fpt,
         "plain": {"tokens_per_s": p_tps, "mfu": p_tps * fpt / peak, "runs": plain},
@@ -188,9 +251,10 @@ def main() -> None:
 
     t = Table(title=f"{args.preset} ({result['params'] / 1e6:.1f}M), {args.dtype}, {args.nproc} proc, "
                     f"batch {args.batch_size}x{args.seq_len}, peak {peak / 1e12:.3f} TFLOP/s")
-    for c in ("loop", "tokens/s", "MFU", "vs plain"):
+    for c in ("loop", "tokens/s", "MFU", "vs baseline"):
         t.add_column(c, justify="right")
-    t.add_row("plain PyTorch", f"{p_tps:,.0f}", f"{result['plain']['mfu']:.1%}", "1.00x")
+    t.add_row("nanoGPT-shaped loop" if args.baseline == "nanogpt" else "plain PyTorch", f"{p_tps:,.0f}",
+              f"{result['plain']['mfu']:.1%}", "1.00x")
     t.add_row("stoker train", f"{s_tps:,.0f}", f"{result['stoker']['mfu']:.1%}",
               f"{ratio:.3f}x ({result['ratio_source']})")
     Console().print(t)
