@@ -189,6 +189,14 @@ def run_local(nproc: int, argv: list[str], env: dict[str, str] | None = None, **
     return proc.wait()
 
 
+def with_nproc(argv: list[str], nproc: int) -> list[str]:
+    """`argv` with `--nproc=N` added where it runs `stoker train` without its own --nproc (a
+    cluster job's processes per host)."""
+    if argv[:2] == ["stoker", "train"] and not any(a.startswith("--nproc") for a in argv):
+        return [*argv, f"--nproc={nproc}"]
+    return list(argv)
+
+
 def job_command(command: list[str], slots: int) -> list[str]:
     """The argv a job runs: `stoker ...` becomes this Python's `-m stoker ...` (no PATH needed),
     and `stoker train` gets `--nproc SLOTS` unless it names its own, which must match."""

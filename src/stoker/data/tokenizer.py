@@ -72,17 +72,18 @@ class Tokenizer:
     string "<|endoftext|>" inside a text is encoded as ordinary bytes, so a document that
     quotes it cannot fake a document boundary. decode(encode(s)) == s for every string."""
 
-    def __init__(self, tok: HFTokenizer, eot: str = EOT, chat_template: str | None = None):
+    def __init__(self, tok: HFTokenizer, chat_template: str | None = None, specials: dict[str, str] | None = None):
         tok.encode_special_tokens = True  # not stored in tokenizer.json, so set on every load
         self._tok = tok
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking: same ids, ~15% faster.
         self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        self.specials = dict(specials or {})  # bos_token, eos_token, ... by name, for chat templates
+        eot = self.specials.get("eos_token", EOT)
         eot_id = tok.token_to_id(eot)
         if eot_id is None:
             raise ValueError(f"tokenizer has no {eot} token")
         self._eot, self.eot = eot_id, eot
         self.chat_template = chat_template
-        self.specials: dict[str, str] = {}  # bos_token, eos_token, ... by name, for chat templates
         self._chat_tok: HFTokenizer | None = None
 
     @classmethod
@@ -108,15 +109,12 @@ class Tokenizer:
             template = c.get("chat_template") if isinstance(c.get("chat_template"), str) else None
         if template is None and (Path(data_dir) / TEMPLATE).is_file():
             template = (Path(data_dir) / TEMPLATE).read_text()
-        tok = cls(HFTokenizer.from_file(str(path)), specials.get("eos_token", EOT), template)
-        tok.specials = specials
-        return tok
+        return cls(HFTokenizer.from_file(str(path)), template, specials)
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model was tuned to read it: its chat template (Jinja, from
         tokenizer_config.json) rendered in a sandbox, so a template from elsewhere cannot run
-        code. Encode the result with `encode(text, special=False)`: the template places the
-        special tokens itself. ValueError when the tokenizer has no template."""
+        code. `chat_ids` gives its ids. ValueError when the tokenizer has no template."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template (tokenizer_config.json's chat_template)")
         from jinja2 import TemplateError

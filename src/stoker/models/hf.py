@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -132,13 +133,13 @@ def _layer_key(name: str) -> tuple[int, str] | None:
 def to_stoker(name: str, tensor: torch.Tensor, cfg: GPTConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """The stoker tensor(s) a Hugging Face tensor becomes (none for buffers stoker does not keep)."""
     kind = family(cfg)
+    plain = name.removeprefix("transformer.") if kind == "gpt2" else name  # GPT2Model files lack the prefix
+    top = {hf.removeprefix("transformer."): st for st, hf in (_LLAMA if kind == "llama" else _GPT2)}
+    if plain in top:
+        if plain != "lm_head.weight" or not cfg.tie_embeddings:  # a tied head is the embedding itself
+            yield top[plain], tensor
+        return
     if kind == "llama":
-        top = {hf: st for st, hf in _LLAMA}
-        if name in top:
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                return  # the same tensor as the embedding
-            yield top[name], tensor
-            return
         layer = _layer_key(name)
         if layer is not None:
             i, rest = layer
@@ -147,13 +148,6 @@ def to_stoker(name: str, tensor: torch.Tensor, cfg: GPTConfig) -> Iterator[tuple
                     yield f"blocks.{i}.{st}{rest[len(hf):]}", tensor
                     return
         raise ConfigError(f"tensor {name!r} is not part of a Llama model")
-    plain = name.removeprefix("transformer.")
-    top = {hf.removeprefix("transformer."): st for st, hf in _GPT2}
-    if plain in top:
-        if plain == "lm_head.weight" and cfg.tie_embeddings:
-            return
-        yield top[plain], tensor
-        return
     layer = _layer_key("transformer." + plain)
     if layer is not None:
         i, rest = layer
@@ -300,17 +294,11 @@ def import_hf(src: str | Path, out: str | Path, progress: bool = True) -> Path:
         raise ConfigError(f"{src}: the weights lack {missing[0]!r}" + (f" and {len(missing) - 1} more"
                                                                           if len(missing) > 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.json").write_text(json.dumps(_asdict(cfg), indent=1))
+    (out / "model.json").write_text(json.dumps(asdict(cfg), indent=1))
     copy_tokenizer(src, out)
     save_checkpoint(out, 0, [model], None, {"loader": {}, "imported_from": str(src.resolve()), "dtype": str(dtype)},
                     keep_last=1)
     return out
-
-
-def _asdict(cfg: GPTConfig) -> dict:
-    from dataclasses import asdict
-
-    return asdict(cfg)
 
 
 def export_hf(run: str | Path, out: str | Path) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 from stoker.config import ConfigError
 from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.spec import JobSpec, PoolConfig, check_keys, check_port
+from stoker.launch import with_nproc
 
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
@@ -84,13 +85,11 @@ def job_objects(spec: JobSpec, job_id: int, cfg: KubeConfig, workload: str = "jo
     # Pod 0's stable DNS name serves the rendezvous.
     first = f"{name}-{REPLICA}-0-0" if workload == "jobset" else f"{name}-0"
     per_host = spec.slots // spec.hosts
-    argv = list(spec.command)
-    if argv[:2] == ["stoker", "train"]:
-        argv += [f"--nproc={per_host}"] if not any(a.startswith("--nproc") for a in argv) else []
-        if spec.hosts > 1:
-            # Node rank from the pod's completion index.
-            argv += [f"--nnodes={spec.hosts}", "--node-rank=$(NODE_RANK)",
-                     f"--master={first}.{name}.{cfg.namespace}.svc:{cfg.port}"]
+    argv = with_nproc(spec.command, per_host)
+    if argv[:2] == ["stoker", "train"] and spec.hosts > 1:
+        # Node rank from the pod's completion index.
+        argv += [f"--nnodes={spec.hosts}", "--node-rank=$(NODE_RANK)",
+                 f"--master={first}.{name}.{cfg.namespace}.svc:{cfg.port}"]
     resources: dict[str, Any] = {cfg.slot_resource: per_host if cfg.slot_resource != "cpu"
                                  else int(per_host * spec.cpus)}
     if cfg.slot_resource != "cpu":
@@ -253,15 +252,12 @@ def apply_kueue(objects: list[dict[str, Any]], api: _Api | None = None) -> list[
         where = (group, version, ns, plural) if ns else (group, version, plural)
         create = api.custom.create_namespaced_custom_object if ns else api.custom.create_cluster_custom_object
         try:
-            create(*where, obj)
+            api.call(f"create {kind} {name}", create, *where, obj)
             done.append(f"created {kind} {name}")
             continue
-        except api.k8s.client.exceptions.ApiException as e:
-            if e.status != 409:
-                raise BackendError(f"kubernetes: create {kind} {name}: {e.status} {e.reason}") from None
-        except Exception as e:
-            raise BackendError(f"kubernetes: create {kind} {name}: cannot reach the API server "
-                               f"({type(e).__name__})") from None
+        except BackendError as e:
+            if f"create {kind} {name}: 409 " not in str(e):  # anything but "it exists already"
+                raise
         get = api.custom.get_namespaced_custom_object if ns else api.custom.get_cluster_custom_object
         replace = api.custom.replace_namespaced_custom_object if ns else api.custom.replace_cluster_custom_object
         current = api.call(f"read {kind} {name}", get, *where, name)

@@ -34,6 +34,7 @@ from stoker.config import ConfigError
 from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.policy import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED
 from stoker.jobs.spec import JobSpec, check_keys
+from stoker.launch import with_nproc
 
 
 @dataclass
@@ -62,10 +63,7 @@ def entrypoint(spec: JobSpec, cfg: RayConfig) -> str:
     if spec.hosts != 1:
         raise ConfigError(f"hosts: a Ray job runs its command on one node; this one asks for {spec.hosts} hosts "
                           "(run multi-host training on a Slurm or Kubernetes queue)")
-    argv = list(spec.command)
-    if argv[:2] == ["stoker", "train"] and not any(a.startswith("--nproc") for a in argv):
-        argv.append(f"--nproc={spec.slots}")
-    line = shlex.join(argv)
+    line = shlex.join(with_nproc(spec.command, spec.slots))
     if spec.workdir and not cfg.upload_workdir:
         line = f"cd {shlex.quote(spec.workdir)} && exec {line}"
     return line

@@ -34,6 +34,7 @@ from stoker.config import ConfigError
 from stoker.jobs.backends import BackendError, RemoteStatus
 from stoker.jobs.policy import CANCELLED, FAILED, PENDING, PREEMPTED, RUNNING, SUCCEEDED
 from stoker.jobs.spec import JobSpec, check_keys, check_port
+from stoker.launch import with_nproc
 
 
 @dataclass
@@ -99,12 +100,11 @@ def script(spec: JobSpec, job_id: int, cfg: SlurmConfig, output: Path, grace: fl
     lines += [f"export STOKER_JOB_ID={job_id}",
               'echo "--- job ${STOKER_JOB_ID} attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )): started '
               '$(date "+%F %T") on ${SLURM_JOB_NODELIST}"']
-    argv = list(spec.command)
+    argv = with_nproc(spec.command, per_host)
     tail = ""
     if argv[0] == "stoker":
         argv = [sys.executable, "-m", "stoker", *argv[1:]]
         if argv[3:4] == ["train"]:
-            argv += [f"--nproc={per_host}"] if not any(a.startswith("--nproc") for a in argv) else []
             if spec.hosts > 1:
                 lines.append('export MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
                 tail = f' --nnodes={spec.hosts} --node-rank="$SLURM_NODEID" --master="$MASTER:{cfg.port}"'
