@@ -35,20 +35,19 @@ import torch.distributed as dist
 from stoker.models.gpt import GPT, GPTConfig, flops_per_token, loss_fn
 from stoker.train.metrics import peak_flops
 
-VOCAB = 8192
 WARMUP = 2  # steps left out of the median: first-call kernel selection and allocations
 
 
-def synthetic_data(root: Path, tokens: int = 2_000_000) -> Path:
+def synthetic_data(root: Path, vocab: int, tokens: int = 2_000_000) -> Path:
     """A data directory of uniform random tokens in stoker's format: throughput does not depend
     on what the tokens say, and the benchmark then needs no corpus."""
     d = root / "data"
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", tokens), ("val", tokens // 20)):
-        rng.integers(0, VOCAB, n, dtype=np.uint16).tofile(d / f"{split}_00000.bin")
+        rng.integers(0, vocab, n, dtype=np.uint16).tofile(d / f"{split}_00000.bin")
     sizes = {"train": tokens, "val": tokens // 20}
-    meta = {"vocab_size": VOCAB, "dtype": "uint16", "eot_id": 0,
+    meta = {"vocab_size": vocab, "dtype": "uint16", "eot_id": 0,
             "splits": {s: {"shards": [f"{s}_00000.bin"], "tokens": n, "shard_tokens": [n]} for s, n in sizes.items()}}
     (d / "meta.json").write_text(json.dumps(meta))
     (d / "tokenizer.json").write_text("{}")  # copied into the run directory, never read here
@@ -106,7 +105,7 @@ def plain_worker(args: argparse.Namespace) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(args.preset, vocab_size=VOCAB, block_size=args.seq_len)
+    cfg = GPTConfig.from_preset(args.preset, vocab_size=args.vocab, block_size=args.seq_len)
     if args.baseline == "nanogpt":
         model = NanoGPT(cfg)
         if args.compile:
@@ -121,12 +120,15 @@ def plain_worker(args: argparse.Namespace) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     local = args.batch_size // world
-    x = torch.randint(0, VOCAB, (local, args.seq_len + 1))
+    x = torch.randint(0, args.vocab, (local, args.seq_len + 1))
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+            if args.baseline == "nanogpt":  # nanoGPT's loss: cross entropy over the whole batch's logits
+                loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+            else:
+                loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -141,7 +143,7 @@ def plain_worker(args: argparse.Namespace) -> None:
 
 def _plain_cmd(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, __file__, "--plain-worker", f"--preset={args.preset}", f"--dtype={args.dtype}",
-           f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--steps={args.steps}",
+           f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--steps={args.steps}", f"--vocab={args.vocab}",
            f"--baseline={args.baseline}"] + (["--compile"] if args.compile else [])
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *cmd[1:]]
@@ -208,6 +210,7 @@ def main() -> None:
     p.add_argument("--preset", default="mini")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (up to 65536: the data is uint16)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="steps per run, the first two left out as warm-up")
@@ -221,13 +224,13 @@ def main() -> None:
     if args.plain_worker:
         return plain_worker(args)
 
-    cfg = GPTConfig.from_preset(args.preset, vocab_size=VOCAB, block_size=args.seq_len)
+    cfg = GPTConfig.from_preset(args.preset, vocab_size=args.vocab, block_size=args.seq_len)
     fpt = flops_per_token(cfg, args.seq_len)
     peak = peak_flops(torch.device("cpu"), args.dtype)
     plain, ours, pairs = [], [], []
     cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        data = synthetic_data(Path(tmp))
+        data = synthetic_data(Path(tmp), args.vocab)
         for i in range(args.repeats):
             p_tps, s_tps = sequential(args, data, Path(tmp))
             plain.append(p_tps)
@@ -238,7 +241,7 @@ def main() -> None:
     # The ratio: from the paired runs where there are some (steadier), else from the sequential ones.
     ratio = math.exp(statistics.mean(math.log(r) for r in pairs)) if pairs else s_tps / p_tps
     result = {
-        "preset": args.preset, "params": sum(p.numel() for p in GPT(cfg).parameters()), "dtype": args.dtype,
+        "preset": args.preset, "vocab": args.vocab, "params": sum(p.numel() for p in GPT(cfg).parameters()), "dtype": args.dtype,
         "baseline": args.baseline, "compile": args.compile,
         "nproc": args.nproc, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "peak_flops": peak, "flops_per_token": fpt,

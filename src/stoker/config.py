@@ -89,6 +89,8 @@ class TrainConfig:
     log_every: int = _opt(1, "write a metrics line every N steps")
     progress: bool = _opt(True, "show a progress bar (false: only plain lines)")
     compile: bool = _opt(False, "torch.compile each transformer block")
+    attention: str = _opt("auto", "attention kernel: auto (the faster of the two, timed at start on the run's "
+                                  "shape), sdpa (PyTorch's fused kernels) or matmul (two matmuls and a softmax)")
     on_nonfinite: str = _opt("stop", "a NaN/inf gradient: stop (keeping the last good checkpoint), or skip that step "
                                      "(5 in a row still stop)")
     allow_schedule_change: bool = _opt(False, "let a resumed run change the checkpoint's learning-rate schedule")
@@ -111,6 +113,7 @@ class TrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.weight_decay and train.grad_clip: must be >= 0")
         _choice("train.dtype", self.dtype, ["fp32", "bf16"])
+        _choice("train.attention", self.attention, ["auto", "sdpa", "matmul"])
         _choice("train.on_nonfinite", self.on_nonfinite, ["stop", "skip"])
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device: must be one of auto, cpu, cuda, got {self.device!r}")

@@ -102,3 +102,62 @@ def test_llama3_rope_scaling_matches_the_reference_formula():
             want.append((1 - smooth) * f / 8 + smooth * f)
     # fp32 frequencies against float64 ones: relative rounding of a few 1e-7.
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_linear_cross_entropy_matches_the_full_logits_loss_in_float64():
+    from stoker.models.gpt import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[[3, 20]] = -100  # ignored, as F.cross_entropy ignores them
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss = linear_cross_entropy(h, w, t, chunk_elems=50 * 8)  # 8 rows a chunk: 5 chunks, the last short
+    grads = torch.autograd.grad(3.0 * loss, (h, w))  # the incoming gradient scales both
+    # The softmax runs in fp32 (as loss_fn's does): agreement to fp32's ~1e-7 relative, not float64's.
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, 3.0 * b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_loss_through_the_model_matches_loss_fn_under_bf16_autocast(tie):
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=300, block_size=32, tie_embeddings=tie)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 300, (3, 33))
+    results = []
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:]) if fused else loss_fn(model(x[:, :-1]), x[:, 1:])
+        results.append((loss.item(), torch.autograd.grad(loss, list(model.parameters()))))
+    (a, ga), (b, gb) = results
+    # Both round the head's matmul to bf16 alike, so the losses agree to fp32 summation order;
+    # the chunked gradient accumulates in fp32 where autocast's rounds to bf16 (8-bit mantissa):
+    # within 2% relative of each parameter's gradient norm.
+    assert abs(a - b) < 1e-4
+    for p_a, p_b in zip(ga, gb):
+        if p_a.norm() > 1e-6:  # a key bias's exact gradient is zero: only rounding is left to compare
+            assert (p_a - p_b).norm() / p_a.norm() < 0.02
+
+
+def test_matmul_attention_matches_sdpa_in_float64_with_grouped_heads_and_rope():
+    from stoker.models.gpt import set_attention
+
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=100, block_size=16, pos="rope",
+                    norm="rmsnorm", mlp="swiglu", bias=False)
+    torch.manual_seed(0)
+    model = GPT(cfg).double()
+    x = torch.randint(0, 100, (2, 16))
+    out = {}
+    for kernel in ("sdpa", "matmul"):
+        set_attention(model, kernel)
+        loss = model(x[:, :-1], x[:, 1:])
+        out[kernel] = (model(x).detach(), torch.autograd.grad(loss, list(model.parameters())))
+    assert torch.allclose(out["sdpa"][0], out["matmul"][0], atol=1e-10)  # float64: rounding only
+    for a, b in zip(out["sdpa"][1], out["matmul"][1]):
+        assert torch.allclose(a, b, atol=1e-10)
+    with pytest.raises(ValueError, match="sdpa, matmul"):
+        set_attention(model, "flash")

@@ -150,6 +150,33 @@ class KVCache:
         return y
 
 
+ATTENTION_KERNELS = ("sdpa", "matmul")
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention as two batched matmuls and a softmax over the whole (T, T) score matrix:
+    q (B, H, T, D), k and v (B, KVH, T, D). Twice the FLOPs of a causal flash kernel and the
+    scores kept for backward, but on a CPU in bf16, at short sequences, faster than SDPA's flash
+    kernel (measured by stoker.train.metrics.fastest_attention, which decides)."""
+    if q.size(1) != k.size(1):  # grouped-query attention: each key/value head serves a group
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    T = q.size(2)
+    bias = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-1, -2) + bias
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def set_attention(model: nn.Module, kernel: str) -> None:
+    """Run every attention layer of `model` (or a pipeline stage of it) with `kernel`:
+    "sdpa" (PyTorch's fused kernels) or "matmul" (matmul_attention). Numerics differ only by
+    rounding; generation with a key/value cache always uses SDPA."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel: expected one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):
+            m.kernel = kernel
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
@@ -163,6 +190,7 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kernel = "sdpa"  # or "matmul"; see set_attention
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -176,6 +204,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             y = cache.attend(self.layer, q, k, v)
+        elif self.kernel == "matmul" and not (self.dropout and self.training):
+            y = matmul_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1),
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -270,8 +300,10 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         return self.drop(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), the mean next-token
+        loss instead, computed without the whole batch's logits (linear_cross_entropy) unless
+        the head is split by tensor parallelism.
 
         A pipeline stage is this module with some parts set to None (stoker.parallel.pipeline):
         a stage other than the first takes hidden states (B, T, C), floats, instead of ids,
@@ -288,7 +320,11 @@ class GPT(nn.Module):
             x = block(x)
         if self.lm_head is None:
             return x
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return self.lm_head(self.ln_f(x))  # (B, T, V)
+        if hasattr(self.lm_head.weight, "device_mesh"):  # a DTensor: vocabulary-parallel logits
+            return loss_fn(self.lm_head(self.ln_f(x)), targets)
+        return linear_cross_entropy(self.ln_f(x), self.lm_head.weight, targets)
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -313,6 +349,57 @@ class GPT(nn.Module):
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy; logits (B, T, V), targets (B, T). Computed in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of (h @ w.T) against t, a chunk of rows at a time. The gradients
+    are computed in the forward pass, chunk by chunk, so neither the (N, V) logits nor their
+    gradient ever exist whole; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, dtype, chunk):
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        hc_all, wc = h.to(dtype), w.to(dtype)
+        count = (t != IGNORE_INDEX).sum()
+        scale = 1.0 / count.clamp(min=1).float()  # a tensor: no host synchronisation
+        ctx.w_dtype = w.dtype
+        gh = torch.empty_like(h) if grads else None
+        gw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        for s in range(0, h.size(0), chunk):
+            hc, tc = hc_all[s : s + chunk], t[s : s + chunk]
+            logits = (hc @ wc.t()).float()  # (chunk, V), the rounding of a bf16 head as autocast gives it
+            lse = logits.logsumexp(dim=-1)
+            valid = tc != IGNORE_INDEX
+            tv = tc.clamp(min=0)
+            total += ((lse - logits.gather(1, tv[:, None])[:, 0]) * valid).sum()
+            if grads:  # d loss / d logits = (softmax - onehot) / count, for valid rows
+                p = logits.sub_(lse[:, None]).exp_()
+                p[torch.arange(p.size(0), device=p.device), tv] -= 1.0
+                p = p.mul_((valid * scale)[:, None]).to(dtype)
+                gh[s : s + chunk] = p @ wc
+                gw += (p.t() @ hc).float()
+        ctx.save_for_backward(gh, gw)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors
+        return gh * g.to(gh.dtype), (gw * g).to(ctx.w_dtype), None, None, None
+
+
+IGNORE_INDEX = -100  # as in F.cross_entropy: a target that counts for nothing
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """loss_fn(h @ weight.T, targets) without materialising the logits: h (..., C), weight
+    (V, C), targets (...). The head's matmul runs in autocast's dtype where autocast is on
+    (else in h's), the softmax in fp32, chunks of about `chunk_elems` logits at a time."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    chunk = max(64, chunk_elems // weight.size(0))
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten(), dtype, chunk)
 
 
 def count_params(cfg: GPTConfig) -> int:

@@ -23,7 +23,7 @@ from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
 from stoker.data.prepare import load_meta, load_split
 from stoker.data.tokenizer import copy_files as copy_tokenizer
-from stoker.models.gpt import GPT, GPTConfig, count_params, flops_per_token, loss_fn
+from stoker.models.gpt import ATTENTION_KERNELS, GPT, GPTConfig, count_params, flops_per_token, loss_fn, set_attention
 from stoker.parallel.mesh import (DistInfo, build_mesh, dp_rank_world, from_rank0, init_distributed, local_shard,
                                   shutdown)
 from stoker.parallel.comm import DiLoCo, load_optimizer_state, optimizer_state, register_ddp_hook
@@ -33,7 +33,7 @@ from stoker.errors import RunError
 from stoker.runs import check_visible_to_all, open_run_dir
 from stoker.train.checkpoint import (find_checkpoint, load_checkpoint, load_rank_state, remove_partial_saves,
                                      save_checkpoint)
-from stoker.train.metrics import MetricsLog, peak_flops, plot_loss
+from stoker.train.metrics import MetricsLog, fastest_attention, peak_flops, plot_loss
 from stoker.train.schedule import lr_at, schedule_state
 
 
@@ -225,7 +225,7 @@ def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     for i, (xm, ym) in enumerate(_micro_batches(x, y, ctx.accum)):
         with _sync_context(model, last=i == ctx.accum - 1 and not ctx.local), ctx.loss_context():
             with ctx.autocast:
-                loss = loss_fn(model(xm.to(ctx.info.device)), ym.to(ctx.info.device)) / ctx.accum
+                loss = model(xm.to(ctx.info.device), ym.to(ctx.info.device)) / ctx.accum
             loss.backward()
         loss_sum += _full(loss.detach()).float()
     return loss_sum
@@ -243,7 +243,7 @@ def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int, n_loss_ranks: int)
             continue
         for xm, ym in _micro_batches(x, y, ctx.accum):
             with ctx.autocast, ctx.loss_context():
-                total += _full(loss_fn(ctx.parts[0](xm.to(ctx.info.device)), ym.to(ctx.info.device))).float() / ctx.accum
+                total += _full(ctx.parts[0](xm.to(ctx.info.device), ym.to(ctx.info.device))).float() / ctx.accum
     for m in ctx.parts:
         m.train()
     return _all_reduce_sum(total).item() / (batches * n_loss_ranks)
@@ -376,6 +376,9 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         load_checkpoint(init[0], parts, state=init[1], restore_rng=False)  # the weights; the optimizer starts anew
         if info.is_main:
             print(f"starting from the weights of {init[0]}", flush=True)
+    kernel = choose_attention(cfg, gcfg, info, split.micro, state.get("attention") if found is not None else None)
+    for m in parts:
+        set_attention(m, kernel)
     # DiLoCo takes its anchor from the weights as loaded; its own and PowerSGD's per-rank state
     # come back only from a checkpoint written with the same setting and process count.
     syncer = DiLoCo(_unwrap(parts[0]), replicas, pcfg) if pcfg.sync != "step" else None
@@ -408,7 +411,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         if _all_reduce_sum(bad).item():
             raise RunError(f"step {step}: the model holds NaN or inf values; not saving it "
                            f"(the checkpoints in {out / 'checkpoints'} are kept)")
-        trainer_state = {"loader": loader.state_dict(), "schedule": schedule_state(t), "dtype": t.dtype,
+        trainer_state = {"loader": loader.state_dict(), "schedule": schedule_state(t), "dtype": t.dtype, "attention": kernel,
                          "world": info.world, "parallel": asdict(pcfg)}
         own = None
         if syncer:
@@ -540,6 +543,24 @@ def measure_link(info: DistInfo, nbytes: int = 4 << 20) -> tuple[float, float]:
     return from_rank0(bw), from_rank0(latency)
 
 
+def choose_attention(cfg: Config, gcfg: GPTConfig, info: DistInfo, rows: int, saved: str | None) -> str:
+    """train.attention, or with auto: the kernel a resumed run used (the same arithmetic as
+    before the stop), else the faster one on this run's per-rank shape, timed by rank 0."""
+    t, tp = cfg.train, cfg.parallel.tp
+    if t.attention != "auto":
+        return t.attention
+    if saved in ATTENTION_KERNELS:
+        return saved
+    kernel = None
+    if info.is_main:
+        kernel, times = fastest_attention(rows, gcfg.n_head // tp, gcfg.kv_heads // tp, t.seq_len, gcfg.head_dim,
+                                          t.dtype, info.device)
+        if times:
+            print("attention: " + kernel + " (" + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items())
+                  + " per layer, forward and backward)", flush=True)
+    return from_rank0(kernel)
+
+
 def _agreed(value: float, op, device) -> float:
     """`value` reduced over the ranks with `op` (MIN/MAX), or itself in a single process."""
     if not dist.is_initialized():
@@ -596,7 +617,7 @@ def measure_efficiency(gcfg: GPTConfig, info: DistInfo, rows: int, seq_len: int,
             torch.cuda.synchronize(info.device)
         t0 = time.perf_counter()
         with cast:
-            loss = loss_fn(model(idx), idx)
+            loss = model(idx, idx)
         loss.backward()
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
