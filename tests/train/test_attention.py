@@ -1,6 +1,5 @@
 """The attention kernel: chosen by timing both on the run's shape, kept across a resume."""
 
-import json
 
 from conftest import LAYOUT_ATOL, assert_curves_close, losses, train_here
 from stoker.train.checkpoint import find_checkpoint
