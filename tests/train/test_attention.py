@@ -1,11 +1,10 @@
 """The attention kernel: chosen by timing both on the run's shape, kept across a resume."""
 
+import torch
 
 from conftest import LAYOUT_ATOL, assert_curves_close, losses, train_here
 from stoker.train.checkpoint import find_checkpoint
 from stoker.train.metrics import fastest_attention
-
-import torch
 
 
 def test_probe_times_both_kernels_and_skips_matmul_over_the_memory_budget():
