@@ -15,18 +15,22 @@ from stoker.runs import DEMO_MARK
 def _steps_for(minutes: float, cfg) -> int:
     """Steps that fit the time budget, from a timed probe of a few steps of the same model and batch."""
     from stoker.data.prepare import load_meta
-    from stoker.models.gpt import loss_fn
+    from stoker.models.gpt import set_attention
+    from stoker.train.metrics import fastest_attention
     from stoker.train.trainer import build_model, build_optimizer, model_config
 
     t = cfg.train
     model = build_model(model_config(cfg, load_meta(cfg.data.dir)["vocab_size"]), t.seed, torch.device("cpu"))
+    c = model.cfg
+    set_attention(model, fastest_attention(t.batch_size, c.n_head, c.kv_heads, t.seq_len, c.head_dim, t.dtype,
+                                           torch.device("cpu"))[0])  # as the run will choose
     opt = build_optimizer(model, cfg)
     x = torch.randint(0, model.cfg.vocab_size, (t.batch_size, t.seq_len + 1))
     times = []
     for _ in range(6):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16"):
-            loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+            loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
