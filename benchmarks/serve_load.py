@@ -1,14 +1,19 @@
-"""Load test of `stoker serve`: continuous batching against one-request-at-a-time serving.
+"""Load test of `stoker serve` against transformers `generate` and the machine's roofline.
 
-Starts two servers on the same run directory, one with --max-batch 1 (the unbatched baseline)
-and one with --max-batch B, each in its own process, and sends N concurrent streaming
-completions over HTTP from this process (N = 1, 8, 32). For each N the baseline and the batched
-server are measured back to back, so the ratio holds on a noisy machine. Reports generated
-tokens/s, time to first token, latency p50/p99 and batched/unbatched throughput; prints a table
-and writes JSON.
+On one model shape (default 12 x 768, GPT-2 small's, random weights after one training step),
+in one run, with the same thread count:
+- transformers `generate` on the same weights (exported with `stoker export --format hf`),
+  static batches of 1 and B, greedy, every sequence made to run to max-tokens;
+- `stoker serve --max-batch B`: N = 1 and N = B concurrent streaming requests (greedy), fresh
+  prompts each round;
+- the same B requests with a shared prompt prefix (a system prompt of --prefix-tokens), on a
+  server with the prefix cache and on one without it;
+- the roofline of a decode step: max(FLOPs / measured matmul peak, bytes / measured memory
+  bandwidth), the bytes being the weights plus the keys and values read, at the batch's mean
+  context; stoker's tokens/s as a share of it.
 
-    python benchmarks/serve_load.py                      # trains a `mini` model for a few steps first
-    python benchmarks/serve_load.py --run runs/mine --max-tokens 64 --concurrency 1 8 32
+    python benchmarks/serve_load.py                 # trains the model for one step first
+    python benchmarks/serve_load.py --threads 2 --dtype bf16 --out runs/bench/serve_bf16.json
 """
 
 from __future__ import annotations
@@ -32,23 +37,29 @@ from rich.table import Table
 PROMPT_SOURCE = Path(json.__file__)  # real text every Python has; each request takes a different slice
 
 
-def ensure_run(run: Path, data: Path, steps: int) -> None:
+def ensure_run(run: Path, data: Path, preset: str, context: int) -> Path:
+    """A run directory of `preset` (one training step: throughput does not depend on how well
+    the weights are trained) and its transformers export beside it; returns the export."""
+    from stoker.models.hf import export_hf
     from stoker.train.checkpoint import latest_checkpoint
 
-    if latest_checkpoint(run) is not None:
-        return
-    if not (data / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "stoker", "prepare", "--out", str(data)], check=True)
-    # Throughput does not depend on how well the weights are trained: a few steps give a checkpoint.
-    subprocess.run([sys.executable, "-m", "stoker", "train", "--model.preset=mini", f"--data.dir={data}",
-                    f"--train.steps={steps}", "--train.batch_size=4", "--train.seq_len=256", "--train.warmup_steps=1",
-                    "--train.eval_every=0", "--train.progress=false", f"--train.out_dir={run}"], check=True)
+    if latest_checkpoint(run) is None:
+        if not (data / "meta.json").is_file():
+            subprocess.run([sys.executable, "-m", "stoker", "prepare", "--out", str(data)], check=True)
+        subprocess.run([sys.executable, "-m", "stoker", "train", f"--model.preset={preset}", f"--data.dir={data}",
+                        "--train.steps=1", "--train.batch_size=1", f"--train.seq_len={context}",
+                        "--train.warmup_steps=1", "--train.eval_every=0", "--train.eval_batches=1",
+                        "--train.progress=false", f"--train.out_dir={run}"], check=True)
+    hf = run.with_name(run.name + "-hf")
+    if not (hf / "config.json").is_file():
+        export_hf(run, hf)
+    return hf
 
 
-def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, max_batch: int, threads: int, dtype: str, *extra: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "stoker", "serve", str(run), "--port", "0", "--max-batch",
-                             str(max_batch), "--max-queue", "1024", "--kv-budget-mb", "4096"],
+                             str(max_batch), "--max-queue", "1024", "--kv-budget-mb", "4096", "--dtype", dtype, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     m = re.search(r"on (http://\S+)", proc.stdout.readline())
     if not m:
@@ -57,8 +68,8 @@ def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Po
     return proc, m.group(1)
 
 
-def one_request(url: str, prompt: str, max_tokens: int, seed: int, out: list, i: int) -> None:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True,
+def one_request(url: str, prompt: str, max_tokens: int, out: list, i: int) -> None:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -84,7 +95,7 @@ def _p99(n: int) -> int:
 
 def load(url: str, prompts: list[str], max_tokens: int) -> dict:
     results: list = [None] * len(prompts)
-    threads = [threading.Thread(target=one_request, args=(url, p, max_tokens, i, results, i)) for i, p in enumerate(prompts)]
+    threads = [threading.Thread(target=one_request, args=(url, p, max_tokens, results, i)) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -102,53 +113,144 @@ def load(url: str, prompts: list[str], max_tokens: int) -> dict:
     }
 
 
+def hf_generate(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    """transformers `generate`, one static batch, greedy, every row run to max_tokens; prompts
+    left-padded as its decoder-only models expect."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - t0
+    tokens = (out.size(1) - width) * len(prompts)
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def roofline(cfg, batch: int, context: float, dtype: str, threads: int) -> dict:
+    """Tokens/s a decode step of `batch` rows at mean `context` could reach on this machine:
+    FLOPs against the measured matmul peak, bytes (weights, then each row's keys and values)
+    against the measured memory bandwidth, whichever takes longer."""
+    import torch
+
+    from stoker.models.gpt import count_params
+    from stoker.train.metrics import measure_matmul_flops
+
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch.set_num_threads(threads)
+    peak = measure_matmul_flops(tdtype)
+    src = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB: far beyond any cache
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    bandwidth = 2 * src.nbytes / best  # read and write
+    n = count_params(cfg) - (cfg.block_size * cfg.n_embd if cfg.pos == "learned" else 0)
+    size = tdtype.itemsize
+    kv_per_token = cfg.n_layer * 2 * cfg.kv_heads * cfg.head_dim * size
+    flops = batch * (2 * n + 4 * cfg.n_layer * context * cfg.n_embd)
+    nbytes = n * size + batch * context * kv_per_token
+    step = max(flops / peak, nbytes / bandwidth)
+    return {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "step_flops": flops, "step_bytes": nbytes,
+            "bound": "compute" if flops / peak > nbytes / bandwidth else "memory", "tokens_per_s": batch / step}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, default=Path("runs/bench/serve-mini"), help="run directory to serve "
-                    "(trained here as preset mini for --train-steps steps when it holds no checkpoint)")
-    ap.add_argument("--data", type=Path, default=Path("data/stdlib"), help="prepared data for that training")
-    ap.add_argument("--train-steps", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
+    ap.add_argument("--run", type=Path, default=Path("runs/bench/serve-125m"), help="run directory to serve "
+                    "(trained here for one step of --preset when it holds no checkpoint)")
+    ap.add_argument("--preset", default="gpt3-125m", help="the model's shape (default 12 x 768)")
+    ap.add_argument("--context", type=int, default=512, help="the model's context")
+    ap.add_argument("--data", type=Path, default=Path("data/stdlib"), help="prepared data for that training step")
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch, and the static batch")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="about this many tokens per prompt")
+    ap.add_argument("--prefix-tokens", type=int, default=200, help="the shared prefix of the prefix workload")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per setting; the fastest is reported")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server and of transformers")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and cache, both sides")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
     args = ap.parse_args()
 
-    ensure_run(args.run, args.data, args.train_steps)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stoker.data.tokenizer import Tokenizer
+    from stoker.models.gpt import GPTConfig
+
+    hf_dir = ensure_run(args.run, args.data, args.preset, args.context)
+    tok = Tokenizer.load(args.run)
+    cfg = GPTConfig(**json.loads((args.run / "model.json").read_text()))
     text = PROMPT_SOURCE.read_text()
-    chars = args.prompt_tokens * 3  # ~3.6 bytes per token on Python source
-    prompts = [text[i * chars: (i + 1) * chars] for i in range(max(args.concurrency))]
-    servers = {"unbatched": start_server(args.run, 1, args.threads),
-               "batched": start_server(args.run, args.max_batch, args.threads)}
-    rows = []
+    B = args.max_batch
+
+    def prompts(n: int, round_: int, tokens: int, prefix: str = "") -> list[str]:
+        """n different prompts of about `tokens` tokens, fresh for each round: nothing is cached from before."""
+        chars, base = tokens * 3, 200_000 + round_ * n * tokens * 3  # ~3.6 bytes per token on Python source
+        return [prefix + text[base + i * chars: base + (i + 1) * chars] for i in range(n)]
+
+    def best(fn, label: str) -> dict:
+        runs = [fn(r) for r in range(args.rounds)]
+        row = {"setting": label, **max(runs, key=lambda r: r["tokens_per_s"])}
+        print(f"  {label}: {row['tokens_per_s']:,.1f} tokens/s", flush=True)
+        return row
+
+    rows: dict[str, dict] = {}
+    torch.set_num_threads(args.threads)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    ids = lambda ps: [tok.encode(p) for p in ps]  # noqa: E731
+    hf_generate(hf, ids(prompts(2, 99, args.prompt_tokens)), 4)  # warm-up
+    rows["hf_1"] = best(lambda r: hf_generate(hf, ids(prompts(1, r, args.prompt_tokens)), args.max_tokens),
+                        "transformers generate, batch 1")
+    rows["hf_B"] = best(lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens),
+                        f"transformers generate, batch {B}")
+    hf = None  # its memory back before the servers start
+
+    shared = text[100_000: 100_000 + args.prefix_tokens * 3]
+    servers = {"cached": start_server(args.run, B, args.threads, args.dtype),
+               "uncached": start_server(args.run, B, args.threads, args.dtype, "--prefix-cache-mb", "0")}
     try:
         for _, url in servers.values():
-            load(url, prompts[:2], args.max_tokens)  # load the model, warm up
-        for n in args.concurrency:
-            for mode, (_, url) in servers.items():
-                # The best of a few rounds: other work on the machine only ever slows a round down.
-                runs = [load(url, prompts[:n], args.max_tokens) for _ in range(args.rounds)]
-                rows.append({"mode": mode, "concurrency": n, **max(runs, key=lambda r: r["tokens_per_s"])})
-            rows[-1]["vs_unbatched"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+            load(url, prompts(2, 98, 8), 4)  # load the model, warm up
+        url = servers["cached"][1]
+        rows["stoker_1"] = best(lambda r: load(url, prompts(1, 10 + r, args.prompt_tokens), args.max_tokens),
+                                f"stoker serve --max-batch {B}, 1 request")
+        rows["stoker_B"] = best(lambda r: load(url, prompts(B, 20 + r, args.prompt_tokens), args.max_tokens),
+                                f"stoker serve --max-batch {B}, {B} concurrent")
+        for mode, (_, u) in servers.items():
+            rows[f"prefix_{mode}"] = best(
+                lambda r, u=u: load(u, prompts(B, 30 + r, args.prompt_tokens, shared), args.max_tokens),
+                f"{B} concurrent, a shared {args.prefix_tokens}-token prefix, prefix cache {'on' if mode == 'cached' else 'off'}")
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
-
-    table = Table(title=f"serve load: {args.run}, {args.max_tokens} new tokens per request, "
-                        f"{args.threads} thread(s) per server")
-    for col in ("N", "server", "tokens/s", "TTFT p50", "latency p50", "latency p99", "vs unbatched"):
+    roof = roofline(cfg, B, args.prompt_tokens + args.max_tokens / 2, args.dtype, args.threads)
+    ratios = {
+        f"stoker {B} concurrent / transformers batch {B}": rows["stoker_B"]["tokens_per_s"] / rows["hf_B"]["tokens_per_s"],
+        "stoker 1 request / transformers batch 1": rows["stoker_1"]["tokens_per_s"] / rows["hf_1"]["tokens_per_s"],
+        "prefix cache on / off": rows["prefix_cached"]["tokens_per_s"] / rows["prefix_uncached"]["tokens_per_s"],
+        f"stoker {B} concurrent / roofline": rows["stoker_B"]["tokens_per_s"] / roof["tokens_per_s"],
+    }
+    table = Table(title=f"serve: {args.preset} ({cfg.n_layer} x {cfg.n_embd}), {args.dtype}, {args.threads} thread(s), "
+                        f"{args.max_tokens} new tokens per request, prompts ~{args.prompt_tokens} tokens")
+    for col in ("setting", "tokens/s", "TTFT p50", "latency p99"):
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["concurrency"]), r["mode"] if r["mode"] == "unbatched" else f"batched ({args.max_batch})",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['ttft_p50_s']:.2f} s", f"{r['latency_p50_s']:.2f} s",
-                      f"{r['latency_p99_s']:.2f} s", f"{r['vs_unbatched']:.2f}x" if "vs_unbatched" in r else "1.00x")
+    for r in rows.values():
+        table.add_row(r["setting"], f"{r['tokens_per_s']:,.1f}", f"{r['ttft_p50_s']:.2f} s" if "ttft_p50_s" in r else "",
+                      f"{r['latency_p99_s']:.2f} s" if "latency_p99_s" in r else "")
+    table.add_row(f"roofline, batch {B} ({roof['bound']}-bound)", f"{roof['tokens_per_s']:,.1f}", "", "")
     Console().print(table)
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                    "roofline": roof, "ratios": ratios}, indent=1))
     print(f"wrote {args.out}")
 
 

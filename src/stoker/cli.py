@@ -229,7 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
               max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb,
-              max_body_mb=args.max_body_mb)
+              max_body_mb=args.max_body_mb, batch_invariant=args.batch_invariant, prefill_chunk=args.prefill_chunk,
+              prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype)
     except (ConfigError, FileNotFoundError) as e:
         return _fail(str(e))
     except OSError as e:
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--out", required=True, help="the run directory to write (new, or empty)")
 
     ps = sub.add_parser("serve", help="serve run directories over HTTP with continuous batching",
-                        description="HTTP server: OpenAI-compatible POST /v1/completions, task API "
+                        description="HTTP server: OpenAI-compatible POST /v1/completions and /v1/chat/completions, task API "
                                     "/api/v1/task/text-generation and /api/v1/task/tokenization, GET /v1/models, "
                                     "/health, /metrics (Prometheus). Models load on first request; the least "
                                     "recently used is unloaded beyond --max-loaded.")
@@ -397,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--kv-budget-mb", type=int, default=1024, help="KV cache memory per model in MiB (default 1024)")
     ps.add_argument("--max-body-mb", type=float, default=4,
                     help="largest request body in MiB; a larger one gets 413 without being read (default 4)")
+    ps.add_argument("--prefill-chunk", type=int, default=256,
+                    help="most prompt tokens prefilled per engine step, so that a long prompt does not stall "
+                         "running decodes (default 256)")
+    ps.add_argument("--prefix-cache-mb", type=int, default=256,
+                    help="memory per model for keys and values of prompt prefixes that later prompts share, a "
+                         "system prompt say (default 256; 0: off)")
+    ps.add_argument("--batch-invariant", action="store_true",
+                    help="a request's greedy text is the same alone or in any batch: every decode step runs "
+                         "--max-batch rows, each prompt is prefilled alone, no prefix cache (slower)")
+    ps.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
+                    help="weights and cache: fp32 (default), bf16 (half the memory traffic), or auto: bf16 where "
+                         "this machine's bf16 matmuls measure faster than fp32")
 
     from stoker.parallel.plan import add_parser as add_plan_parser
 

@@ -47,10 +47,14 @@ def run_staggered(engine: Engine, prompts: list[list[int]], params: list[Samplin
                        evs[-1].prompt_tokens, evs[-1].completion_tokens) for evs in events]
 
 
-def test_batched_greedy_equals_solo_token_for_token(sharp_model):
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batched_greedy_equals_solo_token_for_token(sharp_model, invariant):
+    """Batch-invariant mode: equal by construction. Throughput mode: a row's bits depend on its
+    batch-mates (~1e-6 relative, test_batched_decode_logits_agree_with_solo), far below this
+    model's lead of the top logit, so all 5 prompts x 20 tokens agree here too."""
     model, tok = sharp_model
     rec = Recorder()
-    engine = Engine(model, tok, max_batch=3, metrics=rec)
+    engine = Engine(model, tok, max_batch=3, metrics=rec, batch_invariant=invariant)
     try:
         prompts = [tok.encode(p) for p in PROMPTS]
         assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ
@@ -90,7 +94,7 @@ def test_solo_greedy_matches_the_no_cache_reference(sharp_model):
 
 def test_seeded_sampling_is_the_same_alone_or_in_a_batch(sharp_model):
     model, tok = sharp_model
-    engine = Engine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=4, batch_invariant=True)
     try:
         prompts = [tok.encode(p) for p in PROMPTS[:4]]
         params = [SamplingParams(max_tokens=16, temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in range(4)]
@@ -163,7 +167,7 @@ def test_a_poisoned_request_fails_alone(sharp_model):
     """Values that slip past validation, and a sampler that breaks mid-generation, end their own
     request with an error; eight concurrent good ones finish exactly as they would alone."""
     model, tok = sharp_model
-    engine = Engine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=4, batch_invariant=True)
     real_pick = engine._pick
 
     def pick(seq, logits):  # a fault in the decode step of one sequence of a full batch
@@ -213,3 +217,114 @@ def test_a_failing_callback_stops_only_its_own_request(sharp_model):
         assert engine.generate(ids, GREEDY).token_ids == alone.token_ids
     finally:
         engine.close()
+
+
+def test_batched_decode_logits_agree_with_solo(sharp_model):
+    """Throughput mode's decode step (one call per layer over a padded buffer, shorter rows
+    masked) against each row decoded alone from its own cache."""
+    from stoker.models.gpt import KVCache, SlotKVCache
+
+    model, tok = sharp_model
+    prompts = [tok.encode(p) for p in PROMPTS]
+    caches = [model.new_cache_buffer(40) for _ in prompts]
+    with torch.no_grad():
+        for ids, kv in zip(prompts, caches):
+            model.forward_cached(torch.tensor([ids]), KVCache([kv], [0]))
+        nxt = torch.tensor([[7], [11], [13], [17], [19]])
+        slots = torch.zeros(model.cfg.n_layer, 2, len(prompts), *caches[0].shape[2:])
+        for r, (ids, kv) in enumerate(zip(prompts, caches)):
+            slots[:, :, r, :, :len(ids)] = kv[:, :, :, :len(ids)]
+        batched = model.forward_cached(nxt, SlotKVCache(slots, [len(p) for p in prompts]))[:, 0]
+        solo = torch.stack([model.forward_cached(nxt[r:r + 1], KVCache([kv], [len(ids)]))[0, 0]
+                            for r, (ids, kv) in enumerate(zip(prompts, caches))])
+        for r, (ids, kv) in enumerate(zip(prompts, caches)):  # and the new keys/values landed in each row
+            new = slots[:, :, r, :, :len(ids) + 1]
+            assert (new - kv[:, :, :, :len(ids) + 1]).abs().max() < 1e-5 * new.abs().max()
+    # fp32 sums in another order: ~1e-6 of the logits' scale (this model's run to about 100).
+    assert (batched - solo).abs().max() < 1e-5 * solo.abs().max()
+    assert (batched.argmax(-1) == solo.argmax(-1)).all()
+
+
+def test_chunked_prefill_and_the_prefix_cache_give_the_whole_prompts_cache(sharp_model):
+    from stoker.models.gpt import KVCache
+    from stoker.serve.engine import PrefixCache
+
+    model, tok = sharp_model
+    ids = tok.encode(PROMPTS[3] * 2)[:37]
+    whole, chunked = model.new_cache_buffer(37), model.new_cache_buffer(37)
+    with torch.no_grad():
+        ref = model.forward_cached(torch.tensor([ids]), KVCache([whole], [0]))[0, -1]
+        for s in range(0, 37, 8):  # chunks of 8, the last of 5
+            last = model.forward_cached(torch.tensor([ids[s:s + 8]]), KVCache([chunked], [s]), last_only=True)[0, -1]
+    # Rounding only (another chunking sums in another order): ~1e-6 of the values' scale.
+    assert (chunked - whole).abs().max() < 1e-5 * whole.abs().max() and (last - ref).abs().max() < 1e-5 * ref.abs().max()
+    cache = PrefixCache(block=16, budget_bytes=1 << 30)
+    cache.insert(ids, whole)
+    assert [b.size(3) for b in cache.lookup(ids)] == [16, 16]  # two whole blocks; the rest is computed
+    assert [b.size(3) for b in cache.lookup(ids[:33])] == [16, 16]
+    assert [b.size(3) for b in cache.lookup(ids[:32])] == [16]  # its last token must stay to compute
+    assert cache.lookup([ids[0] + 1] + ids[1:]) == []  # another first token: nothing in common
+    assert torch.equal(torch.cat(cache.lookup(ids), dim=3), whole[:, :, :, :32])
+    # Room for one block: the second goes, as a child goes before its parent (without the parent
+    # the child could never be found).
+    small = PrefixCache(block=16, budget_bytes=cache.used // 2)
+    small.insert(ids, whole)
+    assert small.used <= cache.used // 2 and [b.size(3) for b in small.lookup(ids)] == [16]
+
+
+def test_prefix_cache_and_chunked_prefill_in_the_engine(sharp_model):
+    model, tok = sharp_model
+    system = tok.encode("# A system prompt that every request shares, long enough for blocks.\n" * 2)[:20]
+    prompts = [system + tok.encode(p) for p in PROMPTS]
+    plain = Engine(model, tok, max_batch=4, prefix_cache_bytes=0, prefill_chunk=1000)
+    try:
+        want = [plain.generate(p, GREEDY).token_ids for p in prompts]
+    finally:
+        plain.close()
+    hits: list[tuple[int, int]] = []
+
+    class Hits(EngineMetrics):
+        def prefix_hit(self, tokens: int, of: int) -> None:
+            hits.append((tokens, of))
+
+    engine = Engine(model, tok, max_batch=4, prefix_block=8, prefill_chunk=7, metrics=Hits())
+    try:
+        got = [engine.generate(p, GREEDY).token_ids for p in prompts]
+    finally:
+        engine.close()
+    assert got == want  # the sharp model's margins are far above the rounding of another chunking
+    # The first request finds nothing; the others reuse the shared prefix's 2 whole blocks of 8.
+    assert [t for t, _ in hits] == [0] + [16] * (len(prompts) - 1)
+
+
+def test_in_throughput_mode_a_failure_in_prefill_or_decode_ends_its_own_request(sharp_model):
+    model, tok = sharp_model
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=5, prefix_block=4)
+    real_prefill, real_pick = engine._prefill_chunk, engine._pick
+
+    def prefill(seq, n):
+        if seq.params.seed == 13 and seq.filled > 0:  # its second chunk
+            raise RuntimeError("prefill poisoned")
+        return real_prefill(seq, n)
+
+    def pick(seq, logits):
+        if seq.params.seed == 666 and seq.sampled == 3:
+            raise RuntimeError("decode poisoned")
+        return real_pick(seq, logits)
+
+    engine._prefill_chunk, engine._pick = prefill, pick
+    prompts = [tok.encode(p) for p in PROMPTS]
+    try:
+        solo = [engine.generate(p, GREEDY) for p in prompts]
+        mixed = [(p, GREEDY) for p in prompts]
+        mixed.insert(1, (prompts[3], SamplingParams(max_tokens=20, temperature=0, seed=13)))
+        mixed.insert(3, (prompts[2], SamplingParams(max_tokens=20, temperature=0, seed=666)))
+        busy = run_staggered(engine, [p for p, _ in mixed], [sp for _, sp in mixed], joins=[0, 0, 0, 1, 2, 4, 4])
+        after = engine.generate(prompts[0], GREEDY)
+    finally:
+        engine.close()
+    assert busy[1].finish_reason == busy[3].finish_reason == "error"
+    good = [b for i, b in enumerate(busy) if i not in (1, 3)]
+    assert [b.token_ids for b in good] == [s.token_ids for s in solo]
+    assert after.token_ids == solo[0].token_ids
+    assert engine._slots is None and engine._rows == []  # everything freed once idle

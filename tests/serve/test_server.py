@@ -23,7 +23,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def server(serve_runs):
     """Both models, an API key, room for 4 sequences."""
-    pool = ModelPool(parse_models([str(serve_runs[0]), str(serve_runs[1])]), max_loaded=2, max_batch=4)
+    pool = ModelPool(parse_models([str(serve_runs[0]), str(serve_runs[1])]), max_loaded=2, max_batch=4,
+                     batch_invariant=True)
     with BackgroundServer(create_app(pool, api_key=KEY)) as url:
         yield url
     pool.close()
@@ -31,9 +32,10 @@ def server(serve_runs):
 
 @pytest.fixture(scope="module")
 def reference(serve_runs):
-    """Completions from an engine driven directly, same settings as the server: what a right answer is."""
+    """Completions from an engine driven directly, same settings as the server: what a right answer is
+    (batch-invariant, so that it holds whatever else the server runs at the same time)."""
     model, tok, _ = load_trained(serve_runs[0])
-    engine = Engine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=4, batch_invariant=True)
 
     def complete(prompt: str, **kw) -> str:
         return engine.generate(tok.encode(prompt), SamplingParams(**kw)).text
@@ -130,7 +132,7 @@ def test_errors_name_the_problem_and_the_server_keeps_answering(server, referenc
 
 def test_a_flood_beyond_the_queue_gets_429_then_service_resumes(serve_runs, reference):
     complete, _ = reference
-    pool = ModelPool(parse_models([str(serve_runs[0])]), max_batch=1, max_queue=1)
+    pool = ModelPool(parse_models([str(serve_runs[0])]), max_batch=1, max_queue=1, batch_invariant=True)
     body = {"prompt": "def ", "max_tokens": 40, "temperature": 1.0, "seed": 8}
 
     async def flood(url: str) -> list[httpx.Response]:
@@ -182,7 +184,7 @@ def test_cli_generate_asks_the_server(server, reference):
 def alpha(serve_runs):
     """Model alpha alone, with a key, room for 4 sequences as `reference`: (url, pool), for tests
     that reach into the engine (each undoes what it changes there)."""
-    pool = ModelPool(parse_models([str(serve_runs[0])]), max_batch=4)
+    pool = ModelPool(parse_models([str(serve_runs[0])]), max_batch=4, batch_invariant=True)
     with BackgroundServer(create_app(pool, api_key=KEY)) as url:
         yield url, pool
     pool.close()
@@ -299,8 +301,8 @@ def test_a_client_that_hangs_up_stops_its_generation(alpha, monkeypatch):
         text = httpx.get(f"{url}/metrics", headers=AUTH).text
         return float(re.search(r'^stoker_generated_tokens_total\{model="alpha"\} (\S+)$', text, re.M).group(1))
 
-    real = engine._decode
-    monkeypatch.setattr(engine, "_decode", lambda seqs: (time.sleep(0.05), real(seqs))[1])  # 63 tokens: >3 s
+    real = engine._decode_padded
+    monkeypatch.setattr(engine, "_decode_padded", lambda seqs: (time.sleep(0.05), real(seqs))[1])  # 63 tokens: >3 s
     before = generated()
     with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection: the client is gone
         httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=0.5)
@@ -347,3 +349,89 @@ def test_an_empty_api_key_is_refused(alpha):
     _, pool = alpha
     with pytest.raises(ValueError, match="api_key"):
         create_app(pool, api_key="")
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def throughput(serve_runs, tmp_path_factory):
+    """Model alpha in the default (throughput) mode, and 'chatty': the same run with a chat template."""
+    import shutil
+
+    chatty = tmp_path_factory.mktemp("chat") / "chatty"
+    shutil.copytree(serve_runs[0], chatty)
+    (chatty / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    pool = ModelPool(parse_models([str(serve_runs[0]), str(chatty)]), max_batch=4, max_loaded=2)
+    with BackgroundServer(create_app(pool)) as url:
+        yield url, pool
+    pool.close()
+
+
+def test_chat_completions_render_the_models_template(throughput):
+    url, _ = throughput
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "def "}]}]
+    rendered = "<system>Be brief.\n<user>def \n<assistant>"
+    want = httpx.post(f"{url}/v1/completions", json={"model": "chatty", "prompt": rendered, "max_tokens": 10,
+                                                     "temperature": 0}, timeout=60).json()
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "chatty", "messages": messages, "max_tokens": 10,
+                                                       "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": want["choices"][0]["text"]}
+    assert choice["finish_reason"] == want["choices"][0]["finish_reason"]
+    assert body["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    # Streaming: the role first, then content deltas that add up to the same text, then [DONE].
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"model": "chatty", "messages": messages, "max_tokens": 10, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}) as s:
+        lines = [l for l in s.iter_lines() if l]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(d["delta"].get("content", "") for d in deltas) == choice["message"]["content"]
+    assert deltas[-1]["finish_reason"] == choice["finish_reason"] and chunks[-1]["usage"] == body["usage"]
+    # A model without a template, a role that does not exist, no messages: the client's fault.
+    err = openai_error(httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": messages}), 400)
+    assert "chat template" in err["message"] and err["param"] == "messages"
+    bad_role = [{"role": "wizard", "content": "hi"}]
+    openai_error(httpx.post(f"{url}/v1/chat/completions", json={"model": "chatty", "messages": bad_role}), 422)
+    openai_error(httpx.post(f"{url}/v1/chat/completions", json={"model": "chatty", "messages": []}), 422)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row_and_cache(throughput, monkeypatch):
+    url, pool = throughput
+    engine = pool.engine("alpha")
+
+    def gauge(text: str, name: str, **labels) -> float:
+        sel = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as prometheus_client orders them
+        return float(re.search(rf"^{name}\{{{sel}\}} (\S+)$", text, re.M).group(1))
+
+    real = engine._decode_rows
+    monkeypatch.setattr(engine, "_decode_rows", lambda: (time.sleep(0.05), real())[1])  # 60 tokens: >3 s
+    body = {"model": "alpha", "prompt": "def ", "max_tokens": 60, "temperature": 0, "stream": True}
+    other = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json={**body, "stream": False,
+                                                                                      "max_tokens": 20}, timeout=60))
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
+        lines = s.iter_lines()
+        next(l for l in lines if l.startswith("data: {"))  # generating now
+        other.start()
+        time.sleep(0.3)
+        busy = httpx.get(f"{url}/metrics").text
+    # The stream is closed: the server notices within its poll period and drops the request.
+    deadline = time.monotonic() + 5
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    other.join()
+    idle = httpx.get(f"{url}/metrics").text
+    assert gauge(busy, "stoker_running_sequences", model="alpha") == 2
+    assert gauge(busy, "stoker_model_memory_bytes", model="alpha", kind="kv_cache") > 0
+    assert gauge(busy, "stoker_model_memory_bytes", model="alpha", kind="weights") > 0
+    assert gauge(idle, "stoker_running_sequences", model="alpha") == 0
+    assert gauge(idle, "stoker_model_memory_bytes", model="alpha", kind="kv_cache") == 0
+    assert engine._slots is None and engine._rows == []

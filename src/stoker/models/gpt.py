@@ -150,6 +150,32 @@ class KVCache:
         return y
 
 
+class SlotKVCache:
+    """Keys and values of a batch of sequences in one buffer, (n_layer, 2, R, n_kv_head,
+    capacity, head_dim), row r holding starts[r] tokens; a call adds T tokens to every row.
+    Attention runs for all rows in one call per layer, over the longest row's length, shorter
+    rows masked (stoker.serve.engine's throughput mode)."""
+
+    def __init__(self, buf: torch.Tensor, starts: list[int]):
+        self.buf, self.starts = buf, starts
+        self._starts = torch.tensor(starts, device=buf.device)
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        return self._starts[:, None] + torch.arange(t, device=device)  # (R, T)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        R, T = q.size(0), q.size(2)
+        pos = self.positions(T, q.device)
+        rows = torch.arange(R, device=q.device)[:, None].expand(R, T)
+        keys, values = self.buf[layer, 0], self.buf[layer, 1]  # (R, KVH, capacity, D)
+        keys[rows, :, pos] = k.transpose(1, 2)  # (R, T, KVH, D) at each row's own positions
+        values[rows, :, pos] = v.transpose(1, 2)
+        end = max(self.starts) + T
+        mask = torch.arange(end, device=q.device) <= pos[:, None, :, None]  # (R, 1, T, end)
+        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                              enable_gqa=q.size(1) != k.size(1))
+
+
 ATTENTION_KERNELS = ("sdpa", "matmul")
 
 
@@ -192,7 +218,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.kernel = "sdpa"  # or "matmul"; see set_attention
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # Heads are inferred (-1) so a tensor-parallel shard, holding n_head / tp heads, runs unchanged.
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -243,7 +269,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), cache=cache))  # a keyword: TP's input hooks see x alone
         return x + self.drop(self.mlp(self.ln_2(x)))
 
@@ -327,16 +353,17 @@ class GPT(nn.Module):
         return linear_cross_entropy(self.ln_f(x), self.lm_head.weight, targets)
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """New tokens idx (R, T) after what each row's cache holds -> logits (R, T, V); the
-        rows' keys and values are added to their caches. Padding rows give garbage logits."""
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache | SlotKVCache, last_only: bool = False) -> torch.Tensor:
+        """New tokens idx (R, T) after what each row's cache holds -> logits (R, T, V), or
+        (R, 1, V) for the last token alone with last_only; the rows' keys and values are added
+        to their caches. Padding rows give garbage logits."""
         end = max(cache.starts) + idx.size(1)
         if end > self.cfg.block_size:
             raise ValueError(f"position {end - 1} is past the context of {self.cfg.block_size} tokens")
         x = self._embed(idx, cache.positions(idx.size(1), idx.device))
         for block in self.blocks.values():
             x = block(x, cache=cache)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
 
     def new_cache_buffer(self, capacity: int) -> torch.Tensor:
         """An empty key/value buffer for one sequence of up to `capacity` tokens."""

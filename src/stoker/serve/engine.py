@@ -1,20 +1,28 @@
-"""Continuous-batching inference engine over a stoker GPT, with a per-sequence KV cache.
+"""Continuous-batching inference engine over a stoker GPT.
 
 One background thread owns the model and runs a scheduler loop. Each iteration it admits
-waiting requests (up to `max_batch` sequences and a KV memory budget), prefills each new one
-on its own, then runs one decode step for every running sequence together; finished sequences
-leave at once and free their cache. Callers submit token ids with sampling parameters and get
-events (text deltas) through a callback, from the engine thread.
+waiting requests (up to `max_batch` sequences and a KV memory budget), prefills, then runs one
+decode step for every running sequence together; finished sequences leave at once and free
+their cache. Callers submit token ids with sampling parameters and get events (text deltas)
+through a callback, from the engine thread.
 
-Batch invariance. A request's greedy tokens must not depend on who else is in the batch. On
-CPU (MKL) the bits of a row of `x @ W.T` depend on the number of rows in the call (different
-kernels for 1, a few and many rows), though not on the row's position. So the decode step
-always runs its matmuls on exactly `max_batch` rows, padding idle ones, and computes attention
-row by row over that row's own cache length, so that masking or padding never changes a
-reduction's order. Prefill runs each prompt alone, whatever else is queued. A sequence thus
-sees the same arithmetic alone or in a full batch; the price is that a nearly empty batch costs
-as much as a full one (measured: one request on a `max_batch` 32 engine runs at 0.4x the speed
-of a `max_batch` 1 engine; docs/serving.md).
+Two modes:
+
+- Throughput (the default). The running sequences' keys and values sit in one buffer, a row
+  each, compacted (a finished row is refilled with the last one), so that a decode step is one
+  call per layer over exactly the running rows: attention batched across sequences, shorter
+  rows masked, nothing computed for empty slots. Prompts are prefilled in chunks of at most
+  `prefill_chunk` tokens per iteration, so a long prompt does not stall the running decodes,
+  and prompts that share a prefix (a system prompt) reuse its keys and values from a prefix
+  cache of `prefix_block`-token blocks. A row's bits then depend on its batch-mates (a matmul's
+  kernel depends on the row count), so greedy text agrees with solo decoding for a while and
+  can part at a near tie.
+- Batch-invariant (`batch_invariant=True`): a request's greedy tokens do not depend on who else
+  is in the batch. On CPU (MKL) the bits of a row of `x @ W.T` depend on the number of rows in
+  the call (different kernels for 1, a few and many rows), though not on the row's position. So
+  the decode step runs its matmuls on exactly `max_batch` rows, padding idle ones, attention
+  row by row over that row's own cache, and each prompt is prefilled alone and whole. The
+  price: a nearly empty batch costs as much as a full one (docs/serving.md has the figures).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stoker.data.tokenizer import Tokenizer
-from stoker.models.gpt import GPT, KVCache
+from stoker.models.gpt import GPT, KVCache, SlotKVCache
 
 
 class QueueFull(Exception):
@@ -96,8 +104,10 @@ class _Seq:
     sent: int = 0  # characters of text already emitted
     done: bool = False
     cancelled: bool = False
-    kv: torch.Tensor | None = None  # (n_layer, 2, KVH, cap, D)
+    kv: torch.Tensor | None = None  # its own (n_layer, 2, KVH, cap, D), until it joins the batch buffer
     gen: torch.Generator | None = None
+    filled: int = 0  # prompt tokens in its cache so far (chunked prefill)
+    row: int | None = None  # its row of the batch buffer (throughput mode), once prefilled
 
     @property
     def length(self) -> int:
@@ -124,6 +134,56 @@ class EngineMetrics:
     def tokens(self, n: int) -> None: ...
     def first_token(self, seconds: float) -> None: ...
     def finished(self, seconds: float, reason: str) -> None: ...
+    def memory(self, kind: str, nbytes: int) -> None: ...
+    def prefix_hit(self, tokens: int, of: int) -> None: ...
+
+
+class PrefixCache:
+    """Keys and values of prompt prefixes, in blocks of `block` tokens, least recently used
+    dropped beyond `budget_bytes`. A block is found by its tokens and its parent block, so a
+    match is exact: the same tokens from the start of the prompt."""
+
+    def __init__(self, block: int, budget_bytes: int):
+        self.block, self.budget = block, budget_bytes
+        self.used = 0
+        self._blocks: collections.OrderedDict[tuple, tuple[int, torch.Tensor]] = collections.OrderedDict()
+        self._ids = 0
+
+    def lookup(self, prompt: list[int]) -> list[torch.Tensor]:
+        """The cached blocks of the prompt's longest cached prefix, leaving at least its last
+        token to compute (its logits start the completion)."""
+        found, parent, B = [], 0, self.block
+        keys = []
+        while (len(found) + 1) * B <= len(prompt) - 1:
+            k = len(found)
+            key = (parent, tuple(prompt[k * B:(k + 1) * B]))
+            hit = self._blocks.get(key)
+            if hit is None:
+                break
+            keys.append(key)
+            parent = hit[0]
+            found.append(hit[1])
+        for key in reversed(keys):  # children first, so a parent is dropped after its children
+            self._blocks.move_to_end(key)
+        return found
+
+    def insert(self, prompt: list[int], kv: torch.Tensor) -> None:
+        """Add the whole blocks of a prefilled prompt; kv (n_layer, 2, KVH, >= len, D)."""
+        parent, B, keys = 0, self.block, []
+        for k in range(len(prompt) // B):
+            key = (parent, tuple(prompt[k * B:(k + 1) * B]))
+            if key not in self._blocks:
+                self._ids += 1
+                data = kv[:, :, :, k * B:(k + 1) * B].clone()
+                self._blocks[key] = (self._ids, data)
+                self.used += data.nbytes
+            keys.append(key)
+            parent = self._blocks[key][0]
+        for key in reversed(keys):
+            self._blocks.move_to_end(key)
+        while self.used > self.budget and self._blocks:
+            _, (_, data) = self._blocks.popitem(last=False)
+            self.used -= data.nbytes
 
 
 class Engine:
@@ -131,12 +191,15 @@ class Engine:
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_queue: int = 64,
-        kv_budget_bytes: int = 1 << 30, metrics: EngineMetrics | None = None,
+        kv_budget_bytes: int = 1 << 30, metrics: EngineMetrics | None = None, batch_invariant: bool = False,
+        prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+        if prefill_chunk < 1 or prefix_block < 1 or prefix_cache_bytes < 0:
+            raise ValueError("prefill_chunk and prefix_block: must be >= 1; prefix_cache_bytes: >= 0")
         self.model = model.eval()
         self.tok = tokenizer
         self.cfg = model.cfg
@@ -144,14 +207,21 @@ class Engine:
         self.max_queue = max_queue
         self.kv_budget_bytes = kv_budget_bytes
         self.metrics = metrics or EngineMetrics()
+        self.batch_invariant = batch_invariant
+        self.prefill_chunk = prefill_chunk
         p = model.wte.weight
         self.device, self.dtype = p.device, p.dtype
         self.kv_bytes_per_token = self.cfg.n_layer * 2 * self.cfg.kv_heads * self.cfg.head_dim * p.element_size()
-        self._kv_used = 0
+        self.prefixes = PrefixCache(prefix_block, prefix_cache_bytes) if prefix_cache_bytes and not batch_invariant \
+            else None
+        self._kv_used = 0  # what admission counts: each admitted sequence's capacity (padded, in throughput mode)
         self._waiting: collections.deque[_Seq] = collections.deque()
-        self._active: list[_Seq] = []
+        self._active: list[_Seq] = []  # admitted, in admission order
+        self._rows: list[_Seq] = []  # throughput mode: the decoding sequences, by row of self._slots
+        self._slots: torch.Tensor | None = None  # (n_layer, 2, rows, KVH, capacity, D)
         self._cv = threading.Condition()
         self._closing = False
+        self.metrics.memory("weights", sum(t.nbytes for t in model.state_dict().values()))
         self._thread = threading.Thread(target=self._loop, name="stoker-engine", daemon=True)
         self._thread.start()
 
@@ -230,6 +300,7 @@ class Engine:
                     while not (self._waiting or self._active or self._closing):
                         self._cv.wait()
                     if self._closing and not (self._waiting or self._active):
+                        self.metrics.memory("weights", 0)  # what the pool drops once this thread ends
                         return
                     admitted = self._admit()
                 try:
@@ -238,8 +309,18 @@ class Engine:
                     for seq in self._active + admitted:
                         if not seq.done:
                             self._finish(seq, "", "error", error=f"{type(e).__name__}: {e}")
-                    self._active = []
+                    self._active, self._rows, self._slots = [], [], None
                     self._kv_used = 0
+                    self._report_memory()
+
+    def _need(self, seqs: list[_Seq]) -> int:
+        """KV bytes that admitted sequences may take: their capacities; in throughput mode each
+        row of the batch buffer is as long as the longest of them."""
+        if not seqs:
+            return 0
+        if self.batch_invariant:
+            return sum(s.cap for s in seqs) * self.kv_bytes_per_token
+        return len(seqs) * max(s.cap for s in seqs) * self.kv_bytes_per_token
 
     def _admit(self) -> list[_Seq]:
         admitted = []
@@ -248,11 +329,11 @@ class Engine:
             if seq.cancelled:
                 self._waiting.popleft()
                 continue
-            need = seq.cap * self.kv_bytes_per_token
-            if self._kv_used + need > self.kv_budget_bytes:
+            need = self._need(self._active + admitted + [seq])
+            if need > self.kv_budget_bytes and (self._active or admitted):
                 break  # first come first served: it waits for running sequences to free memory
             self._waiting.popleft()
-            self._kv_used += need
+            self._kv_used = need
             admitted.append(seq)
         self.metrics.queue_depth(len(self._waiting))
         return admitted
@@ -261,11 +342,18 @@ class Engine:
         for seq in admitted:
             self._active.append(seq)  # before it starts, so that _release frees its cache even if it fails
             self._guarded(seq, self._start, seq)
+        if not self.batch_invariant:
+            self._prefill_some()
         self._release()
-        if self._active:
-            self.metrics.batch_size(len(self._active))
-            logits = self._decode(self._active)
-            for seq, row in zip(self._active, logits):
+        decoding = [s for s in self._active if s.filled == len(s.prompt)]
+        if decoding:
+            self.metrics.batch_size(len(decoding))
+            if self.batch_invariant:
+                logits = self._decode_padded(decoding)
+            else:
+                decoding = self._rows
+                logits = self._decode_rows()
+            for seq, row in zip(decoding, logits):
                 self._guarded(seq, self._advance, seq, row)
             self._release()
 
@@ -279,29 +367,110 @@ class Engine:
 
     def _start(self, seq: _Seq) -> None:
         seq.kv = self.model.new_cache_buffer(seq.cap)
+        self._report_memory()
         if seq.params.seed is not None:
             # Any integer is a seed: taken modulo 2**64, which leaves the generator's own range
             # [-2**63, 2**64) as it was (a negative seed is its two's complement there too).
             seq.gen = torch.Generator(device=self.device).manual_seed(seq.params.seed % 2**64)
-        self._advance(seq, self._prefill(seq))
+        if self.batch_invariant:  # the whole prompt, alone
+            logits = self.model.forward_cached(torch.tensor([seq.prompt], device=self.device),
+                                               KVCache([seq.kv], [0]), last_only=True)
+            seq.filled = len(seq.prompt)
+            self._advance(seq, logits[0, -1])
+        elif self.prefixes is not None:
+            blocks = self.prefixes.lookup(seq.prompt)
+            if blocks:
+                seq.filled = sum(b.size(3) for b in blocks)
+                seq.kv[:, :, :, :seq.filled] = torch.cat(blocks, dim=3)
+            self.metrics.prefix_hit(seq.filled, len(seq.prompt))
+
+    def _prefill_some(self) -> None:
+        """Up to prefill_chunk prompt tokens, of the admitted sequences in order; a sequence
+        whose prompt is complete samples its first token and joins the decoding rows."""
+        budget = self.prefill_chunk
+        for seq in [s for s in self._active if s.filled < len(s.prompt)]:
+            if budget <= 0:
+                break
+            if seq.done or seq.cancelled:
+                continue
+            n = min(len(seq.prompt) - seq.filled, budget)
+            budget -= n
+            self._guarded(seq, self._prefill_chunk, seq, n)
+
+    def _prefill_chunk(self, seq: _Seq, n: int) -> None:
+        idx = torch.tensor([seq.prompt[seq.filled:seq.filled + n]], device=self.device)
+        logits = self.model.forward_cached(idx, KVCache([seq.kv], [seq.filled]), last_only=True)
+        seq.filled += n
+        if seq.filled < len(seq.prompt):
+            return
+        if self.prefixes is not None:
+            self.prefixes.insert(seq.prompt, seq.kv)
+        self._advance(seq, logits[0, -1])
+        if not (seq.done or seq.cancelled):
+            self._join_rows(seq)
+
+    def _join_rows(self, seq: _Seq) -> None:
+        """Move a prefilled sequence's cache into the next row of the batch buffer, growing it
+        (rows, or length to the longest admitted capacity) when it is too small."""
+        rows = len(self._rows) + 1
+        length = max(s.cap for s in self._active if not (s.done or s.cancelled))
+        buf = self._slots
+        if buf is None or buf.size(2) < rows or buf.size(4) < length:
+            c = self.cfg
+            grown = torch.zeros(c.n_layer, 2, min(self.max_batch, max(rows, 2 * (buf.size(2) if buf is not None else 2))),
+                                seq.kv.size(2), max(length, buf.size(4) if buf is not None else 0), c.head_dim,
+                                device=self.device, dtype=self.dtype)  # zeros: masked keys must not be NaN
+            if buf is not None:
+                grown[:, :, :buf.size(2), :, :buf.size(4)] = buf
+            self._slots = buf = grown
+        n = len(seq.prompt)
+        buf[:, :, len(self._rows), :, :n] = seq.kv[:, :, :, :n]
+        seq.row, seq.kv = len(self._rows), None
+        self._rows.append(seq)
+        self._report_memory()
 
     def _release(self) -> None:
         keep = []
         for seq in self._active:
             if seq.done or seq.cancelled:
-                self._kv_used -= seq.cap * self.kv_bytes_per_token
                 seq.kv = None
             else:
                 keep.append(seq)
         self._active = keep
+        if not self.batch_invariant:
+            rows = self._rows
+            while rows and (rows[-1].done or rows[-1].cancelled):
+                rows.pop()
+            for i, seq in enumerate(rows):  # refill each finished row with the last live one
+                if seq.done or seq.cancelled:
+                    last = rows.pop()
+                    while last.done or last.cancelled:
+                        last = rows.pop()
+                    n = last.length
+                    self._slots[:, :, i, :, :n] = self._slots[:, :, last.row, :, :n]
+                    last.row = i
+                    rows[i] = last
+                    while rows and (rows[-1].done or rows[-1].cancelled):
+                        rows.pop()
+            if not keep:
+                self._slots = None
+        self._kv_used = self._need(keep)
         self.metrics.running(len(keep))
+        self._report_memory()
 
-    def _prefill(self, seq: _Seq) -> torch.Tensor:
-        """Run the prompt alone, fill its cache; logits (V,) for the first new token."""
-        idx = torch.tensor([seq.prompt], device=self.device)
-        return self.model.forward_cached(idx, KVCache([seq.kv], [0]))[0, -1]  # (V,)
+    def _report_memory(self) -> None:
+        kv = sum(s.kv.nbytes for s in self._active if s.kv is not None)
+        self.metrics.memory("kv_cache", kv + (self._slots.nbytes if self._slots is not None else 0))
+        self.metrics.memory("prefix_cache", self.prefixes.used if self.prefixes is not None else 0)
 
-    def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
+    def _decode_rows(self) -> torch.Tensor:
+        """One token for every decoding row, in one call per layer; logits (rows, V)."""
+        rows = self._rows
+        last = torch.tensor([[s.out[-1]] for s in rows], device=self.device)
+        cache = SlotKVCache(self._slots[:, :, :len(rows)], [s.length - 1 for s in rows])
+        return self.model.forward_cached(last, cache)[:, 0]
+
+    def _decode_padded(self, seqs: list[_Seq]) -> torch.Tensor:
         """Feed each sequence's last token at its own position; logits (len(seqs), V). The
         matmuls always run on max_batch rows (idle ones padded), attention row by row (see
         the module's doc)."""

@@ -34,6 +34,11 @@ class ServeMetrics:
                                  ["model", "finish_reason"], buckets=LATENCY_BUCKETS, registry=r)
         self.loaded = Gauge("stoker_model_loaded", "1 while the model is resident", ["model"], registry=r)
         self.loads = Counter("stoker_model_loads", "times the model was loaded", ["model"], registry=r)
+        self.memory = Gauge("stoker_model_memory_bytes", "memory a loaded model holds: weights, kv_cache (the "
+                            "running sequences' keys and values), prefix_cache", ["model", "kind"], registry=r)
+        self.prefix_tokens = Counter("stoker_prefix_cache_hit_tokens", "prompt tokens whose keys and values came "
+                                     "from the prefix cache", ["model"], registry=r)
+        self.prompt_tokens = Counter("stoker_prompt_tokens", "prompt tokens admitted", ["model"], registry=r)
 
     def for_model(self, name: str) -> "ModelMetrics":
         return ModelMetrics(self, name)
@@ -74,3 +79,10 @@ class ModelMetrics(EngineMetrics):
 
     def finished(self, seconds: float, reason: str) -> None:
         self.m.latency.labels(self.name, reason).observe(seconds)
+
+    def memory(self, kind: str, nbytes: int) -> None:
+        self.m.memory.labels(self.name, kind).set(nbytes)
+
+    def prefix_hit(self, tokens: int, of: int) -> None:
+        self.m.prefix_tokens.labels(self.name).inc(tokens)
+        self.m.prompt_tokens.labels(self.name).inc(of)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from stoker.config import ConfigError
 from stoker.data.tokenizer import Tokenizer
 from stoker.generate import load_trained
@@ -67,12 +69,13 @@ class ModelPool:
     finishes the requests it already accepted)."""
 
     def __init__(self, run_dirs: dict[str, Path], *, max_loaded: int = 1, metrics: ServeMetrics | None = None,
-                 **engine_kwargs):
+                 dtype: str = "fp32", **engine_kwargs):
         if max_loaded < 1:
             raise ConfigError(f"--max-loaded: must be >= 1, got {max_loaded}")
         self.metrics = metrics or ServeMetrics()
         self.max_loaded = max_loaded
         self.engine_kwargs = engine_kwargs
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         self.models = {
             name: Model(name, Path(d), Tokenizer.load(d), json.loads((Path(d) / "model.json").read_text())["block_size"])
             for name, d in run_dirs.items()
@@ -108,6 +111,7 @@ class ModelPool:
             for old in resident[: max(0, len(resident) + 1 - self.max_loaded)]:
                 self._unload(old)
             model, _, _ = load_trained(m.run_dir)
+            model = model.to(self.dtype)
             m.engine = Engine(model, m.tokenizer, metrics=self.metrics.for_model(m.name), **self.engine_kwargs)
             m.loads += 1
             self.metrics.loads.labels(m.name).inc()

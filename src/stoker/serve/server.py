@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -98,6 +98,34 @@ class CompletionRequest(_Body):
     stream_options: StreamOptions | None = None
 
 
+class ContentPart(_Body):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] = ""
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Body):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: up to the model's context")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (newer name)")
+    temperature: float = Field(1.0, ge=0, le=2, description=TEMPERATURE)
+    top_p: float = Field(1.0, gt=0, le=1, description=TOP_P)
+    top_k: int = Field(0, ge=0, description="stoker extension: sample from the K most likely tokens (0: all)")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description=SEED)
+    n: int = Field(1, ge=1, le=1, description="one completion per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
 class TextGenerationRequest(_Body):
     model: str | None = None
     text: str
@@ -141,9 +169,26 @@ class _Run:
             raise APIError(400, f"prompt is {n_bytes} bytes, so at least {-(-n_bytes // m.max_token_bytes)} tokens; "
                                 f"{fits}", param="prompt", type_="context_length_exceeded")
         # encode_batch, unlike encode, lets other threads run meanwhile (the event loop's, say).
-        ids = m.tokenizer.encode_batch([text])[0] or [m.tokenizer.eot_id]
+        return self._fits(m.tokenizer.encode_batch([text])[0] or [m.tokenizer.eot_id], "prompt")
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation through the model's chat template, or APIError 400; blocking."""
+        m = self.model
+        n_bytes = sum(len(msg.text().encode()) for msg in messages)
+        if n_bytes > (m.context - 1) * m.max_token_bytes:  # as prompt_ids: too long for sure, not rendered
+            raise APIError(400, f"messages hold {n_bytes} bytes, more than the context of model {m.name!r} "
+                                f"({m.context} tokens) can take", param="messages", type_="context_length_exceeded")
+        try:
+            ids = m.tokenizer.chat_ids([{"role": msg.role, "content": msg.text()} for msg in messages])
+        except ValueError as e:  # no template, or the template refused the conversation
+            raise APIError(400, f"model {m.name!r}: {e}", param="messages") from None
+        return self._fits(ids, "messages")
+
+    def _fits(self, ids: list[int], param: str) -> list[int]:
+        m = self.model
         if len(ids) >= m.context:
-            raise APIError(400, f"prompt is {len(ids)} tokens; {fits}", param="prompt",
+            raise APIError(400, f"{param} is {len(ids)} tokens; the context of model {m.name!r} is {m.context} "
+                                f"tokens, so a prompt may hold at most {m.context - 1}", param=param,
                            type_="context_length_exceeded")
         return ids
 
@@ -306,6 +351,58 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_body_bytes: int 
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices, "usage": usage}
 
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
+        model = model_or_404(req.model)
+        run = _Run(pool, model)
+        ids = await asyncio.to_thread(run.chat_ids, req.messages)
+        max_tokens = req.max_completion_tokens or req.max_tokens or model.context - len(ids)
+        params = _params(max_tokens, req.temperature, req.top_k, req.top_p, req.seed, _stops(req.stop))
+        await run.start([ids], params)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+        def add_usage(ev: Event) -> None:
+            if ev.finish_reason:
+                usage["completion_tokens"] = ev.completion_tokens
+                usage["total_tokens"] = len(ids) + ev.completion_tokens
+
+        if req.stream:
+            def chunk(delta: dict, reason: str | None) -> str:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+
+            async def sse() -> AsyncIterator[str]:
+                try:
+                    yield chunk({"role": "assistant", "content": ""}, None)
+                    async for _, ev in run.events(request):
+                        add_usage(ev)
+                        if ev.text or ev.finish_reason:
+                            yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+                except Exception as e:  # the status is sent already: the error goes in the stream
+                    e = e if isinstance(e, APIError) else APIError(500, f"internal error ({type(e).__name__})",
+                                                                   "server_error")
+                    yield f"data: {json.dumps(_error_body(e.status, e.message, e.type, e.param))}\n\n"
+                finally:
+                    run.cancel()
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        text, reason = "", None
+        try:
+            async for _, ev in run.events(request):
+                text += ev.text
+                reason = ev.finish_reason or reason
+                add_usage(ev)
+        finally:
+            run.cancel()
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": reason}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+
     @app.post("/api/v1/task/text-generation")
     async def text_generation(req: TextGenerationRequest, request: Request) -> dict:
         model = model_or_404(req.model)
@@ -426,15 +523,35 @@ class BackgroundServer:
         self.sock.close()
 
 
+def serve_dtype(dtype: str) -> str:
+    """fp32 or bf16; auto: bf16 on a GPU, or where this CPU's bf16 matmuls measure faster."""
+    if dtype not in ("fp32", "bf16", "auto"):
+        from stoker.config import ConfigError
+
+        raise ConfigError(f"--dtype: expected fp32, bf16 or auto, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    from stoker.train.metrics import peak_flops
+
+    if torch.cuda.is_available():
+        return "bf16"
+    cpu = torch.device("cpu")
+    return "bf16" if peak_flops(cpu, "bf16") > peak_flops(cpu, "fp32") else "fp32"
+
+
 def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_loaded: int = 1, max_queue: int = 64, kv_budget_mb: int = 1024,
-          max_body_mb: float = MAX_BODY_BYTES / 2**20, log_level: str = "info") -> None:
+          max_body_mb: float = MAX_BODY_BYTES / 2**20, log_level: str = "info", batch_invariant: bool = False,
+          prefill_chunk: int = 256, prefix_cache_mb: int = 256, dtype: str = "fp32") -> None:
     """Serve `RUN_DIR` or `NAME=RUN_DIR` entries until interrupted (what `stoker serve` runs)."""
     from stoker.config import ConfigError
     from stoker.serve.models import parse_models
 
     for flag, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                               ("--kv-budget-mb", kv_budget_mb, 1)):
+                               ("--kv-budget-mb", kv_budget_mb, 1), ("--prefill-chunk", prefill_chunk, 1),
+                               ("--prefix-cache-mb", prefix_cache_mb, 0)):
         if value < least:
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")
     if not max_body_mb > 0:
@@ -442,7 +559,8 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
     if api_key is not None and not api_key:
         raise ConfigError("--api-key (or $STOKER_API_KEY) is empty; give a key, or unset it to serve without one")
     pool = ModelPool(parse_models(run_dirs), max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
-                     kv_budget_bytes=kv_budget_mb << 20)
+                     kv_budget_bytes=kv_budget_mb << 20, batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
+                     prefix_cache_bytes=prefix_cache_mb << 20, dtype=serve_dtype(dtype))
     app = create_app(pool, api_key, max_body_bytes=max(1, int(max_body_mb * 2**20)))
     sock = bind(host, port)
     print(f"stoker serve: models {', '.join(pool.names)} on {url_of(sock)}", flush=True)
