@@ -34,7 +34,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-PROMPT_SOURCE = Path(json.__file__)  # real text every Python has; each request takes a different slice
+STDLIB = Path(json.__file__).parent.parent  # real text every Python has; each request takes a different slice
+
+
+def source_text(chars: int = 1_500_000) -> str:
+    text, parts = 0, []
+    for f in sorted(STDLIB.glob("*.py")):
+        parts.append(f.read_text(errors="replace"))
+        text += len(parts[-1])
+        if text >= chars:
+            break
+    return "".join(parts)
 
 
 def ensure_run(run: Path, data: Path, preset: str, context: int) -> Path:
@@ -186,12 +196,13 @@ def main() -> None:
     hf_dir = ensure_run(args.run, args.data, args.preset, args.context)
     tok = Tokenizer.load(args.run)
     cfg = GPTConfig(**json.loads((args.run / "model.json").read_text()))
-    text = PROMPT_SOURCE.read_text()
+    text = source_text()
     B = args.max_batch
 
     def prompts(n: int, round_: int, tokens: int, prefix: str = "") -> list[str]:
         """n different prompts of about `tokens` tokens, fresh for each round: nothing is cached from before."""
         chars, base = tokens * 3, 200_000 + round_ * n * tokens * 3  # ~3.6 bytes per token on Python source
+        assert base + (n + 1) * chars < len(text), "not enough text for fresh prompts"
         return [prefix + text[base + i * chars: base + (i + 1) * chars] for i in range(n)]
 
     def best(fn, label: str) -> dict:
@@ -209,6 +220,10 @@ def main() -> None:
                         "transformers generate, batch 1")
     rows["hf_B"] = best(lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens),
                         f"transformers generate, batch {B}")
+    if args.dtype != "fp32":  # and the plain loop as a newcomer runs it: fp32, transformers' default
+        hf = hf.float()
+        rows["hf_B_fp32"] = best(lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens),
+                                 f"transformers generate, batch {B}, fp32")
     hf = None  # its memory back before the servers start
 
     shared = text[100_000: 100_000 + args.prefix_tokens * 3]
@@ -234,6 +249,8 @@ def main() -> None:
     ratios = {
         f"stoker {B} concurrent / transformers batch {B}": rows["stoker_B"]["tokens_per_s"] / rows["hf_B"]["tokens_per_s"],
         "stoker 1 request / transformers batch 1": rows["stoker_1"]["tokens_per_s"] / rows["hf_1"]["tokens_per_s"],
+        **({f"stoker {B} concurrent / transformers batch {B} in fp32":
+            rows["stoker_B"]["tokens_per_s"] / rows["hf_B_fp32"]["tokens_per_s"]} if "hf_B_fp32" in rows else {}),
         "prefix cache on / off": rows["prefix_cached"]["tokens_per_s"] / rows["prefix_uncached"]["tokens_per_s"],
         f"stoker {B} concurrent / roofline": rows["stoker_B"]["tokens_per_s"] / roof["tokens_per_s"],
     }

@@ -300,31 +300,42 @@ def test_prefix_cache_and_chunked_prefill_in_the_engine(sharp_model):
 def test_in_throughput_mode_a_failure_in_prefill_or_decode_ends_its_own_request(sharp_model):
     model, tok = sharp_model
     engine = Engine(model, tok, max_batch=4, prefill_chunk=5, prefix_block=4)
-    real_prefill, real_pick = engine._prefill_chunk, engine._pick
+    real_prefilled, real_pick, real_forward = engine._prefilled, engine._pick, model.forward_cached
 
-    def prefill(seq, n):
-        if seq.params.seed == 13 and seq.filled > 0:  # its second chunk
+    def prefilled(seq, n, logits):
+        if seq.params.seed == 13 and seq.filled > 0:  # after its second chunk
             raise RuntimeError("prefill poisoned")
-        return real_prefill(seq, n)
+        return real_prefilled(seq, n, logits)
 
     def pick(seq, logits):
         if seq.params.seed == 666 and seq.sampled == 3:
             raise RuntimeError("decode poisoned")
         return real_pick(seq, logits)
 
-    engine._prefill_chunk, engine._pick = prefill, pick
+    def forward(idx, cache, last_only=False):  # a packed prefill that holds token 499 fails whole
+        if idx.size(1) > 1 and 499 in idx.tolist()[0] and len(getattr(cache, "lengths", ())) > 1:
+            raise RuntimeError("pack poisoned")
+        if idx.size(1) > 1 and 499 in idx.tolist()[0]:  # and alone, only its own request
+            raise RuntimeError("prompt poisoned")
+        return real_forward(idx, cache, last_only=last_only)
+
+    engine._prefilled, engine._pick = prefilled, pick
+    model.forward_cached = forward
     prompts = [tok.encode(p) for p in PROMPTS]
     try:
         solo = [engine.generate(p, GREEDY) for p in prompts]
         mixed = [(p, GREEDY) for p in prompts]
         mixed.insert(1, (prompts[3], SamplingParams(max_tokens=20, temperature=0, seed=13)))
         mixed.insert(3, (prompts[2], SamplingParams(max_tokens=20, temperature=0, seed=666)))
-        busy = run_staggered(engine, [p for p, _ in mixed], [sp for _, sp in mixed], joins=[0, 0, 0, 1, 2, 4, 4])
+        mixed.insert(5, (prompts[4][:3] + [499] + prompts[4][3:], GREEDY))
+        busy = run_staggered(engine, [p for p, _ in mixed], [sp for _, sp in mixed], joins=[0, 0, 0, 0, 1, 2, 4, 4])
         after = engine.generate(prompts[0], GREEDY)
     finally:
         engine.close()
-    assert busy[1].finish_reason == busy[3].finish_reason == "error"
-    good = [b for i, b in enumerate(busy) if i not in (1, 3)]
+        del model.forward_cached
+    assert [b.finish_reason for b in busy].count("error") == 3
+    assert busy[1].finish_reason == busy[3].finish_reason == busy[5].finish_reason == "error"
+    good = [b for i, b in enumerate(busy) if i not in (1, 3, 5)]
     assert [b.token_ids for b in good] == [s.token_ids for s in solo]
     assert after.token_ids == solo[0].token_ids
     assert engine._slots is None and engine._rows == []  # everything freed once idle

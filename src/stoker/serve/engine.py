@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stoker.data.tokenizer import Tokenizer
-from stoker.models.gpt import GPT, KVCache, SlotKVCache
+from stoker.models.gpt import GPT, KVCache, PackedKVCache, SlotKVCache
 
 
 class QueueFull(Exception):
@@ -385,27 +385,42 @@ class Engine:
             self.metrics.prefix_hit(seq.filled, len(seq.prompt))
 
     def _prefill_some(self) -> None:
-        """Up to prefill_chunk prompt tokens, of the admitted sequences in order; a sequence
-        whose prompt is complete samples its first token and joins the decoding rows."""
-        budget = self.prefill_chunk
-        for seq in [s for s in self._active if s.filled < len(s.prompt)]:
+        """Up to prefill_chunk prompt tokens, of the admitted sequences in order, in one forward
+        call (packed: the linear layers see every token at once); a sequence whose prompt is
+        complete samples its first token and joins the decoding rows."""
+        budget, work = self.prefill_chunk, []
+        for seq in self._active:
             if budget <= 0:
                 break
-            if seq.done or seq.cancelled:
-                continue
-            n = min(len(seq.prompt) - seq.filled, budget)
-            budget -= n
-            self._guarded(seq, self._prefill_chunk, seq, n)
+            if seq.filled < len(seq.prompt) and not (seq.done or seq.cancelled):
+                n = min(len(seq.prompt) - seq.filled, budget)
+                budget -= n
+                work.append((seq, n))
+        if not work:
+            return
+        ids = torch.tensor([[t for seq, n in work for t in seq.prompt[seq.filled:seq.filled + n]]], device=self.device)
+        cache = PackedKVCache([seq.kv for seq, _ in work], [seq.filled for seq, _ in work], [n for _, n in work])
+        try:
+            logits = self.model.forward_cached(ids, cache, last_only=True)[0]
+        except Exception:  # each alone, so that a fault stays with its own request
+            for seq, n in work:
+                self._guarded(seq, self._prefill_alone, seq, n)
+            return
+        for (seq, n), row in zip(work, logits):
+            self._guarded(seq, self._prefilled, seq, n, row)
 
-    def _prefill_chunk(self, seq: _Seq, n: int) -> None:
+    def _prefill_alone(self, seq: _Seq, n: int) -> None:
         idx = torch.tensor([seq.prompt[seq.filled:seq.filled + n]], device=self.device)
-        logits = self.model.forward_cached(idx, KVCache([seq.kv], [seq.filled]), last_only=True)
+        self._prefilled(seq, n, self.model.forward_cached(idx, KVCache([seq.kv], [seq.filled]), last_only=True)[0, -1])
+
+    def _prefilled(self, seq: _Seq, n: int, logits: torch.Tensor) -> None:
+        """n more prompt tokens are in the sequence's cache; logits (V,) after the last of them."""
         seq.filled += n
         if seq.filled < len(seq.prompt):
             return
         if self.prefixes is not None:
             self.prefixes.insert(seq.prompt, seq.kv)
-        self._advance(seq, logits[0, -1])
+        self._advance(seq, logits)
         if not (seq.done or seq.cancelled):
             self._join_rows(seq)
 
