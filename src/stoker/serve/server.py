@@ -84,18 +84,22 @@ TOP_P = "in (0, 1]: sample from the most likely tokens that reach this probabili
 SEED = "an integer in [-2**63, 2**64 - 1]; the same seed and request give the same text"
 
 
-class CompletionRequest(_Body):
+class _OpenAISampling(_Body):
+    """The sampling and streaming fields that completions and chat completions share."""
     model: str | None = None
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=2, description=TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1, description=TOP_P)
     top_k: int = Field(0, ge=0, description="stoker extension: sample from the K most likely tokens (0: all)")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description=SEED)
-    n: int = Field(1, ge=1, le=1, description="one completion per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(1, ge=1, le=1, description="one completion per prompt")
 
 
 class ContentPart(_Body):
@@ -111,19 +115,11 @@ class ChatMessage(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Body):
-    model: str | None = None
+class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default: up to the model's context")
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (newer name)")
-    temperature: float = Field(1.0, ge=0, le=2, description=TEMPERATURE)
-    top_p: float = Field(1.0, gt=0, le=1, description=TOP_P)
-    top_k: int = Field(0, ge=0, description="stoker extension: sample from the K most likely tokens (0: all)")
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description=SEED)
     n: int = Field(1, ge=1, le=1, description="one completion per request")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
 
 
 class TextGenerationRequest(_Body):
