@@ -407,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--batch-invariant", action="store_true",
                     help="a request's greedy text is the same alone or in any batch: every decode step runs "
                          "--max-batch rows, each prompt is prefilled alone, no prefix cache (slower)")
-    ps.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
-                    help="weights and cache: fp32 (default), bf16 (half the memory traffic), or auto: bf16 where "
-                         "this machine's bf16 matmuls measure faster than fp32")
+    ps.add_argument("--dtype", default="auto", choices=("fp32", "bf16", "auto"),
+                    help="weights and cache: auto (default: bf16 on a GPU, or where this CPU's bf16 matmuls "
+                         "measure faster than fp32, else fp32), fp32, or bf16 (half the memory traffic)")
 
     from stoker.parallel.plan import add_parser as add_plan_parser
 

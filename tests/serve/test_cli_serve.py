@@ -7,8 +7,9 @@ import httpx
 import pytest
 
 from stoker.cli import main
-from stoker.generate import load_trained
+from stoker.data.tokenizer import Tokenizer
 from stoker.serve.engine import Engine, SamplingParams
+from stoker.serve.models import load_for_serving
 
 PARAMS = {"max_tokens": 12, "temperature": 1.0, "seed": 21}
 
@@ -17,7 +18,7 @@ PARAMS = {"max_tokens": 12, "temperature": 1.0, "seed": 21}
 def lru_server(serve_runs):
     """`stoker serve` as users run it: both models, one resident at a time, any free port."""
     cmd = [sys.executable, "-m", "stoker", "serve", str(serve_runs[0]), f"b={serve_runs[1]}", "--port", "0",
-           "--max-loaded", "1", "--max-batch", "4"]
+           "--max-loaded", "1", "--max-batch", "4", "--dtype", "fp32"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = proc.stdout.readline()
@@ -29,8 +30,8 @@ def lru_server(serve_runs):
 
 
 def expected(run_dir, prompt: str) -> str:
-    model, tok, _ = load_trained(run_dir)
-    engine = Engine(model, tok, max_batch=4)
+    tok = Tokenizer.load(run_dir)
+    engine = Engine(load_for_serving(run_dir), tok, max_batch=4)
     try:
         return engine.generate(tok.encode(prompt), SamplingParams(**PARAMS)).text
     finally:

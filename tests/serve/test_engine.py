@@ -1,9 +1,11 @@
 import threading
+from copy import deepcopy
 
 import pytest
 import torch
 
 from stoker.generate import sample
+from stoker.models.gpt import pack_linears
 from stoker.serve.engine import Completion, Engine, EngineMetrics, Event, SamplingParams
 
 PROMPTS = ["d", "import json\n", "class Foo(Base):\n    def", "async def main():\n    await x.y(1, 2)\n", "for i in"]
@@ -47,12 +49,21 @@ def run_staggered(engine: Engine, prompts: list[list[int]], params: list[Samplin
                        evs[-1].prompt_tokens, evs[-1].completion_tokens) for evs in events]
 
 
-@pytest.mark.parametrize("invariant", [True, False])
-def test_batched_greedy_equals_solo_token_for_token(sharp_model, invariant):
-    """Batch-invariant mode: equal by construction. Throughput mode: a row's bits depend on its
-    batch-mates (~1e-6 relative, test_batched_decode_logits_agree_with_solo), far below this
-    model's lead of the top logit, so all 5 prompts x 20 tokens agree here too."""
+def packed(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with its linear layers packed, as the server runs it."""
+    copy = deepcopy(model)
+    assert pack_linears(copy) == 2 * 6 + 1  # per block q, k, v, o, fc, proj; and the head
+    return copy
+
+
+@pytest.mark.parametrize("invariant,pack", [(True, False), (False, False), (True, True), (False, True)])
+def test_batched_greedy_equals_solo_token_for_token(sharp_model, invariant, pack):
+    """Batch-invariant mode: equal by construction, with plain or packed linear layers (the
+    server's). Throughput mode: a row's bits depend on its batch-mates (~1e-6 relative,
+    test_batched_decode_logits_agree_with_solo), far below this model's lead of the top logit,
+    so all 5 prompts x 20 tokens agree here too."""
     model, tok = sharp_model
+    model = packed(model) if pack else model
     rec = Recorder()
     engine = Engine(model, tok, max_batch=3, metrics=rec, batch_invariant=invariant)
     try:
@@ -243,6 +254,31 @@ def test_batched_decode_logits_agree_with_solo(sharp_model):
     # fp32 sums in another order: ~1e-6 of the logits' scale (this model's run to about 100).
     assert (batched - solo).abs().max() < 1e-5 * solo.abs().max()
     assert (batched.argmax(-1) == solo.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_packed_linears_agree_with_plain_ones(sharp_model, dtype, tol):
+    """The server's packed linear layers (oneDNN's blocked weights, GELU fused) against nn.Linear,
+    prefill and a batched decode step. fp32: sums in another order, ~1e-6 of the logits' scale.
+    bf16: each matmul's output rounded to 8 bits of mantissa (2^-8 relative), compounded over
+    two blocks, and the fused GELU rounds once where the plain path rounds twice; 5% of the
+    logits' scale bounds that with room, and the top tokens must still agree."""
+    from stoker.models.gpt import SlotKVCache
+
+    model, tok = sharp_model
+    plain = deepcopy(model).to(dtype)
+    fast = packed(plain)
+    ids = torch.tensor([tok.encode(p)[:3] for p in PROMPTS[1:]])  # 4 rows of 3 tokens
+    out = []
+    with torch.inference_mode():
+        for m in (plain, fast):
+            slots = torch.zeros(m.cfg.n_layer, 2, len(ids), m.cfg.kv_heads, 8, m.cfg.head_dim, dtype=dtype)
+            first = m.forward_cached(ids, SlotKVCache(slots, [0] * len(ids)))
+            step = m.forward_cached(first[:, -1:].argmax(-1), SlotKVCache(slots, [3] * len(ids)))
+            out.append(torch.cat([first, step], 1).float())
+    scale = out[0].abs().max()
+    assert (out[0] - out[1]).abs().max() < tol * scale
+    assert (out[0].argmax(-1) == out[1].argmax(-1)).float().mean() >= (1.0 if dtype == torch.float32 else 0.9)
 
 
 def test_chunked_prefill_and_the_prefix_cache_give_the_whole_prompts_cache(sharp_model):

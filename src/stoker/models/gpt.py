@@ -181,6 +181,7 @@ class SlotKVCache:
     def __init__(self, buf: torch.Tensor, starts: list[int]):
         self.buf, self.starts = buf, starts
         self._starts = torch.tensor(starts, device=buf.device)
+        self._bias: torch.Tensor | None = None  # the same for every layer: made once per call
 
     def positions(self, t: int, device) -> torch.Tensor:
         return self._starts[:, None] + torch.arange(t, device=device)  # (R, T)
@@ -193,18 +194,19 @@ class SlotKVCache:
         keys[rows, :, pos] = k.transpose(1, 2)  # (R, T, KVH, D) at each row's own positions
         values[rows, :, pos] = v.transpose(1, 2)
         # Over the whole capacity, positions past each row's end masked: a slice [:end] would be
-        # a strided view, which bf16 matmuls copy first (measured 5x slower than a contiguous
+        # a strided view, which bf16 matmuls copy first (measured 3x slower than a contiguous
         # operand). Two matmuls and a softmax in fp32: in decode on a CPU, 1.5-2x faster than
         # SDPA with a mask. Query heads are grouped by the key/value head they share, as rows
         # of one matmul.
-        end = keys.size(2)
-        mask = torch.arange(end, device=q.device) <= pos[:, None, :, None]  # (R, 1, T, end)
         H, KVH, D = q.size(1), k.size(1), q.size(3)
         g = H // KVH
-        qg = (q * D**-0.5).reshape(R, KVH, g * T, D)  # rows: (query head in group, token)
-        scores = qg @ keys.transpose(-1, -2)  # (R, KVH, g * T, end)
-        scores = scores.masked_fill(~mask.repeat(1, 1, g, 1), float("-inf"))
-        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if self._bias is None:
+            allowed = torch.arange(keys.size(2), device=q.device) <= pos[:, None, :, None]  # (R, 1, T, end)
+            bias = torch.zeros(allowed.shape, device=q.device, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+            self._bias = bias.repeat(1, 1, g, 1)  # rows: (query head in group, token)
+        qg = (q * D**-0.5).reshape(R, KVH, g * T, D)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).add_(self._bias)  # (R, KVH, g * T, end)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return (p @ values).reshape(R, H, T, D)
 
 
@@ -283,6 +285,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        if isinstance(self.fc, PackedLinear):  # serving: GELU fused into the matmul's kernel
+            return self.proj(self.fc(x, gelu=True))
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
@@ -406,6 +410,39 @@ class GPT(nn.Module):
         k = next(iter(self.blocks.values())).attn.k_proj.weight
         heads = (k.to_local() if hasattr(k, "to_local") else k).size(0) // c.head_dim  # a tensor-parallel rank's own
         return torch.empty(c.n_layer, 2, heads, capacity, c.head_dim, device=w.device, dtype=w.dtype)
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear for inference on CPU, its weight reordered once into oneDNN's blocked
+    layout. Measured on a 2-core CPU, one thread, 124M model: the decode step's linear layers
+    1.35x faster at 32 rows and 2x at one row, in bf16 and fp32 alike (the plain kernel
+    re-reads the weight in a layout poor for few rows). No autograd: for serving only."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """x @ weight.T + bias; gelu: then GELU (tanh form), in the same kernel."""
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace the model's nn.Linear layers by PackedLinear, in place, where the weights are
+    on a CPU with oneDNN (fp32 or bf16); the number replaced (0: nothing to do here). For a
+    model that only serves from now on: it no longer trains."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    todo = [(parent, name, mod) for parent in model.modules() for name, mod in parent.named_children()
+            if type(mod) is nn.Linear and mod.weight.device.type == "cpu"
+            and mod.weight.dtype in (torch.float32, torch.bfloat16) and not hasattr(mod.weight, "device_mesh")]
+    for parent, name, mod in todo:
+        setattr(parent, name, PackedLinear(mod))
+    return len(todo)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from stoker.config import ConfigError
 from stoker.data.tokenizer import Tokenizer
 from stoker.generate import load_trained
+from stoker.models.gpt import GPT, pack_linears
 from stoker.serve.engine import Engine, Event, Handle, SamplingParams
 from stoker.serve.metrics import ServeMetrics
 from stoker.train.checkpoint import latest_checkpoint
@@ -64,6 +65,15 @@ def parse_models(specs: Sequence[str]) -> dict[str, Path]:
     return out
 
 
+def load_for_serving(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
+    """A run's model as the server runs it: in `dtype`, its linear layers packed for inference
+    (stoker.models.gpt.pack_linears), so no longer trainable."""
+    model, _, _ = load_trained(run_dir)
+    model = model.to(dtype)
+    pack_linears(model)
+    return model
+
+
 class ModelPool:
     """Models by name; at most `max_loaded` engines resident (one more while an unloaded one
     finishes the requests it already accepted)."""
@@ -110,8 +120,7 @@ class ModelPool:
             resident = sorted((x for x in self.models.values() if x.engine is not None), key=lambda x: x.last_used)
             for old in resident[: max(0, len(resident) + 1 - self.max_loaded)]:
                 self._unload(old)
-            model, _, _ = load_trained(m.run_dir)
-            model = model.to(self.dtype)
+            model = load_for_serving(m.run_dir, self.dtype)
             m.engine = Engine(model, m.tokenizer, metrics=self.metrics.for_model(m.name), **self.engine_kwargs)
             m.loads += 1
             self.metrics.loads.labels(m.name).inc()

@@ -540,7 +540,7 @@ def serve_dtype(dtype: str) -> str:
 def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_loaded: int = 1, max_queue: int = 64, kv_budget_mb: int = 1024,
           max_body_mb: float = MAX_BODY_BYTES / 2**20, log_level: str = "info", batch_invariant: bool = False,
-          prefill_chunk: int = 256, prefix_cache_mb: int = 256, dtype: str = "fp32") -> None:
+          prefill_chunk: int = 256, prefix_cache_mb: int = 256, dtype: str = "auto") -> None:
     """Serve `RUN_DIR` or `NAME=RUN_DIR` entries until interrupted (what `stoker serve` runs)."""
     from stoker.config import ConfigError
     from stoker.serve.models import parse_models
@@ -556,10 +556,10 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
         raise ConfigError("--api-key (or $STOKER_API_KEY) is empty; give a key, or unset it to serve without one")
     pool = ModelPool(parse_models(run_dirs), max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                      kv_budget_bytes=kv_budget_mb << 20, batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
-                     prefix_cache_bytes=prefix_cache_mb << 20, dtype=serve_dtype(dtype))
+                     prefix_cache_bytes=prefix_cache_mb << 20, dtype=(dtype := serve_dtype(dtype)))
     app = create_app(pool, api_key, max_body_bytes=max(1, int(max_body_mb * 2**20)))
     sock = bind(host, port)
-    print(f"stoker serve: models {', '.join(pool.names)} on {url_of(sock)}", flush=True)
+    print(f"stoker serve: models {', '.join(pool.names)} ({dtype}) on {url_of(sock)}", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:
