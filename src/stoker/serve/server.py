@@ -233,6 +233,28 @@ class _Run:
             h.cancel()
 
 
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _event_stream(run: _Run, events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, then `data: [DONE]`. A failure once the 200 has gone out is sent as
+    an error event; when the stream ends for any reason (done, failed, the client went away)
+    the run stops generating."""
+    async def sse() -> AsyncIterator[str]:
+        try:
+            async for line in events:
+                yield line
+        except Exception as e:  # the status is sent already: the error goes in the stream
+            e = e if isinstance(e, APIError) else APIError(500, f"internal error ({type(e).__name__})", "server_error")
+            yield _data(_error_body(e.status, e.message, e.type, e.param))
+        finally:
+            run.cancel()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
             stop: tuple[str, ...]) -> SamplingParams:
     try:
@@ -316,24 +338,16 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_body_bytes: int 
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
 
         if req.stream:
-            async def sse() -> AsyncIterator[str]:
-                try:
-                    async for i, ev in run.events(request):
-                        add_usage(ev)
-                        if ev.text or ev.finish_reason:
-                            choice = {"text": ev.text, "index": i, "logprobs": None, "finish_reason": ev.finish_reason}
-                            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-                except Exception as e:  # the status is sent already: the error goes in the stream
-                    e = e if isinstance(e, APIError) else APIError(500, f"internal error ({type(e).__name__})",
-                                                                   "server_error")
-                    yield f"data: {json.dumps(_error_body(e.status, e.message, e.type, e.param))}\n\n"
-                finally:
-                    run.cancel()  # the client went away, or it failed: stop generating for it
-                yield "data: [DONE]\n\n"
+            async def events() -> AsyncIterator[str]:
+                async for i, ev in run.events(request):
+                    add_usage(ev)
+                    if ev.text or ev.finish_reason:
+                        choice = {"text": ev.text, "index": i, "logprobs": None, "finish_reason": ev.finish_reason}
+                        yield _data({**head, "choices": [choice]})
+                if req.stream_options and req.stream_options.include_usage:
+                    yield _data({**head, "choices": [], "usage": usage})
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return _event_stream(run, events())
 
         texts, reasons = [""] * len(ids), [None] * len(ids)
         try:
@@ -366,26 +380,18 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_body_bytes: int 
         if req.stream:
             def chunk(delta: dict, reason: str | None) -> str:
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-                return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+                return _data({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
-            async def sse() -> AsyncIterator[str]:
-                try:
-                    yield chunk({"role": "assistant", "content": ""}, None)
-                    async for _, ev in run.events(request):
-                        add_usage(ev)
-                        if ev.text or ev.finish_reason:
-                            yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
-                except Exception as e:  # the status is sent already: the error goes in the stream
-                    e = e if isinstance(e, APIError) else APIError(500, f"internal error ({type(e).__name__})",
-                                                                   "server_error")
-                    yield f"data: {json.dumps(_error_body(e.status, e.message, e.type, e.param))}\n\n"
-                finally:
-                    run.cancel()
-                yield "data: [DONE]\n\n"
+            async def events() -> AsyncIterator[str]:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                async for _, ev in run.events(request):
+                    add_usage(ev)
+                    if ev.text or ev.finish_reason:
+                        yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield _data({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return _event_stream(run, events())
 
         text, reason = "", None
         try:
