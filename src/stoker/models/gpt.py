@@ -458,12 +458,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, t, dtype, chunk):
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w_grad = ctx.needs_input_grad[1]  # a frozen head (adapter tuning) skips its gradient's matmuls
         hc_all, wc = h.to(dtype), w.to(dtype)
         count = (t != IGNORE_INDEX).sum()
         scale = 1.0 / count.clamp(min=1).float()  # a tensor: no host synchronisation
         ctx.w_dtype = w.dtype
         gh = torch.empty_like(h) if grads else None
-        gw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        gw = torch.zeros_like(w, dtype=torch.float32) if w_grad else None
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         for s in range(0, h.size(0), chunk):
             hc, tc = hc_all[s : s + chunk], t[s : s + chunk]
@@ -477,14 +478,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p[torch.arange(p.size(0), device=p.device), tv] -= 1.0
                 p = p.mul_((valid * scale)[:, None]).to(dtype)
                 gh[s : s + chunk] = p @ wc
-                gw += (p.t() @ hc).float()
+                if w_grad:
+                    gw += (p.t() @ hc).float()
         ctx.save_for_backward(gh, gw)
         return total * scale
 
     @staticmethod
     def backward(ctx, g):
         gh, gw = ctx.saved_tensors
-        return gh * g.to(gh.dtype), (gw * g).to(ctx.w_dtype), None, None, None
+        return gh * g.to(gh.dtype), None if gw is None else (gw * g).to(ctx.w_dtype), None, None, None
 
 
 IGNORE_INDEX = -100  # as in F.cross_entropy: a target that counts for nothing
