@@ -255,12 +255,52 @@ class ParallelConfig:
         return " x ".join(parts)
 
 
+TUNE_METHODS = ["none", "lora", "prompt", "full"]
+
+
+@dataclass
+class TuneConfig:
+    method: str = _opt("none", "none: train on data.dir's token shards; lora, prompt (prompt tuning) or full "
+                               "(every weight): tune model.init_from's model on tune.data's records")
+    data: str = _opt("", "JSONL records to tune on: {\"prompt\", \"completion\"} or {\"messages\"}, one a line")
+    val_data: str = _opt("", "JSONL records for validation (unset: tune.val_fraction of tune.data)")
+    val_fraction: float = _opt(0.1, "share of tune.data held out for validation when tune.val_data is unset")
+    pack: bool = _opt(True, "pack short records into one row (lora, full); prompt tuning keeps one record a row")
+    lora_rank: int = _opt(8, "LoRA: rank r of each update")
+    lora_alpha: float = _opt(16.0, "LoRA: the update is scaled by alpha / r (alpha / sqrt(r) with tune.rslora)")
+    lora_dropout: float = _opt(0.0, "LoRA: dropout on the update's input while training")
+    lora_targets: str = _opt("q_proj,k_proj,v_proj,o_proj,gate,fc,proj",
+                             "LoRA: comma-separated layer names or globs over their paths (e.g. q_proj,v_proj or "
+                             "attn.*); default every attention and MLP projection")
+    rslora: bool = _opt(False, "LoRA: rank-stabilised scaling, alpha / sqrt(r)")
+    base_dtype: str = _opt("fp32", "LoRA and prompt tuning: the frozen base's weights in fp32 or bf16 (half "
+                                   "the memory; the trained parameters stay fp32)")
+    virtual_tokens: int = _opt(20, "prompt tuning: learned embeddings put before every input")
+    prompt_init: str = _opt("", "prompt tuning: a text whose token embeddings start the virtual tokens (unset: "
+                                "embeddings of random vocabulary tokens)")
+
+    def validate(self) -> None:
+        _choice("tune.method", self.method, TUNE_METHODS)
+        _choice("tune.base_dtype", self.base_dtype, ["fp32", "bf16"])
+        _range("tune.val_fraction", self.val_fraction, 0.0, 0.5)
+        _range("tune.lora_dropout", self.lora_dropout, 0.0, 1.0)
+        if self.lora_rank < 1:
+            raise ConfigError(f"tune.lora_rank: must be >= 1, got {self.lora_rank}")
+        if self.virtual_tokens < 1:
+            raise ConfigError(f"tune.virtual_tokens: must be >= 1, got {self.virtual_tokens}")
+        if self.method != "none" and not self.data:
+            raise ConfigError(f"tune.data: tune.method={self.method} needs a JSONL file of records")
+        if self.method == "none" and (self.data or self.val_data):
+            raise ConfigError("tune.data: set tune.method (lora, prompt or full) to tune on records")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -272,6 +312,13 @@ class Config:
                     raise ConfigError(f"{f.name}.{sf.name}: must be a finite number, got {v}")
             section.validate()
         t, par = self.train, self.parallel
+        if self.tune.method != "none":
+            if not self.model.init_from:
+                raise ConfigError(f"model.init_from: tune.method={self.tune.method} tunes a trained model: name its "
+                                  "run directory (`stoker train` or `stoker import` writes one)")
+            if self.tune.method in ("lora", "prompt") and par.pp > 1:
+                raise ConfigError(f"parallel.pp: tune.method={self.tune.method} runs without pipeline stages; use "
+                                  "DDP or FSDP (parallel.dp_replicate, parallel.dp_shard)")
         preset = PRESETS[self.model.preset]
         n_head = self.model.n_head or preset.n_head
         n_layer = self.model.n_layer or preset.n_layer

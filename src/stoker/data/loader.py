@@ -79,6 +79,8 @@ class DataLoader:
         local = self.batch_size // self.dp_world
         idx = self.global_indices(step)[self.dp_rank * local : (self.dp_rank + 1) * local]
         data = torch.from_numpy(np.stack([self.windows[i] for i in idx]))  # (B_local, T + 1)
+        if data.dim() == 3:  # (B_local, 2, T + 1): tokens, and targets with -100 where no loss (tuning records)
+            return data[:, 0, :-1].contiguous(), data[:, 1, 1:].contiguous()
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
     def __iter__(self):

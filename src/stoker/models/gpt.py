@@ -322,6 +322,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Prompt tuning (stoker.tune.prompt): a module giving (B, N, C) embeddings that go before
+        # every input, at positions 0..N-1; the text follows at N.., and only its outputs return.
+        self.prompt: nn.Module | None = None
         self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -356,8 +359,10 @@ class GPT(nn.Module):
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
 
-    def _embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         x = self.wte(idx)
+        if prefix is not None:  # prompt tuning's virtual tokens; pos covers them too
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if self.wpe is not None:
             x = x + self.wpe(pos)
         return self.drop(x)
@@ -371,15 +376,21 @@ class GPT(nn.Module):
         a stage other than the first takes hidden states (B, T, C), floats, instead of ids,
         and one without the head returns hidden states.
         """
+        n_virtual = 0
         if not idx.is_floating_point():
-            T = idx.size(1)
+            prefix = self.prompt(idx.size(0)) if self.prompt is not None else None
+            n_virtual = prefix.size(1) if prefix is not None else 0
+            T = n_virtual + idx.size(1)
             if T > self.cfg.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-            x = self._embed(idx, torch.arange(T, device=idx.device))  # (B, T, C)
+                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}"
+                                 + f" ({n_virtual} of them virtual tokens)" * bool(n_virtual))
+            x = self._embed(idx, torch.arange(T, device=idx.device), prefix)  # (B, T, C)
         else:
             x = idx
         for block in self.blocks.values():
             x = block(x)
+        if n_virtual:
+            x = x[:, n_virtual:]
         if self.lm_head is None:
             return x
         if targets is None:

@@ -1,0 +1,208 @@
+"""Adapters in PEFT's file format, both ways: `adapter_config.json` and
+`adapter_model.safetensors`, tensor names those of the base model as `stoker export --format hf`
+writes it, so `peft.PeftModel.from_pretrained(<exported base>, <adapter dir>)` computes what
+stoker does, and an adapter PEFT made for such a base loads into stoker.
+
+LoRA on GPT-2: Hugging Face's GPT-2 fuses q, k and v into one `attn.c_attn` layer, stoker
+keeps three. Three rank-r updates of q, k, v are one update of c_attn of rank 3r (their A
+stacked, their B block-diagonal), written with that rank and alpha scaled to keep the same
+scaling (`rank_pattern`, `alpha_pattern`); a c_attn update of rank r comes in as three of rank
+r sharing A. Both ways are exact.
+
+Only safetensors files are read (never pickle); nothing from the adapter directory runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stoker.config import ConfigError
+from stoker.models.gpt import GPT
+from stoker.models.hf import family
+from stoker.tune.lora import LoRALinear, lora_layers
+from stoker.tune.prompt import PromptTuning
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_QKV = ("q_proj", "k_proj", "v_proj")
+# stoker's name inside a block -> Hugging Face's, per family (GPT-2's q/k/v: attn.c_attn, fused)
+_LLAMA = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+          "attn.o_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj",
+          "mlp.proj": "mlp.down_proj"}
+_GPT2 = {"attn.o_proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+
+
+def _block(kind: str, i: str) -> str:
+    return f"model.layers.{i}" if kind == "llama" else f"transformer.h.{i}"
+
+
+def lora_state(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's LoRA updates as PEFT's tensors and config fields (fp32 tensors)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    kind = family(model.cfg)
+    first = next(iter(layers.values()))
+    if any((m.rank, m.alpha, m.rslora) != (first.rank, first.alpha, first.rslora) for m in layers.values()):
+        raise ValueError("LoRA layers differ in rank, alpha or rsLoRA; PEFT's format takes one of each")
+    r, alpha = first.rank, first.alpha
+    out, targets, ranks, alphas = {}, set(), {}, {}
+    by_block: dict[str, dict[str, LoRALinear]] = {}
+    for name, m in layers.items():
+        _, i, rest = name.split(".", 2)
+        by_block.setdefault(i, {})[rest] = m
+    for i, mods in by_block.items():
+        base = PREFIX + _block(kind, i)
+        for rest, m in mods.items():
+            if kind == "gpt2" and rest.split(".")[-1] in _QKV:
+                continue
+            hf = (_LLAMA if kind == "llama" else _GPT2)[rest]
+            out[f"{base}.{hf}.lora_A.weight"] = m.lora_A.detach().float()
+            out[f"{base}.{hf}.lora_B.weight"] = m.lora_B.detach().float()
+            targets.add(hf)
+        qkv = [mods.get(f"attn.{p}") for p in _QKV]
+        present = [(j, m) for j, m in enumerate(qkv) if m is not None]
+        if kind == "gpt2" and present:
+            C = present[0][1].in_features
+            n = len(present)
+            A = torch.cat([m.lora_A.detach().float() for _, m in present])  # (n r, C)
+            B = torch.zeros(3 * C, n * r)
+            for t, (j, m) in enumerate(present):
+                B[j * C:(j + 1) * C, t * r:(t + 1) * r] = m.lora_B.detach().float()
+            out[f"{base}.attn.c_attn.lora_A.weight"], out[f"{base}.attn.c_attn.lora_B.weight"] = A, B
+            targets.add("attn.c_attn")
+            if n > 1:  # rank n r; alpha so that alpha / r (or / sqrt(r)) stays as it was
+                key = re.escape(f"{_block(kind, i)}.attn.c_attn")
+                ranks[key] = n * r
+                alphas[key] = alpha * (math.sqrt(n) if first.rslora else n)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+           "lora_dropout": first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0,
+           "target_modules": sorted(targets), "use_rslora": first.rslora, "bias": "none",
+           "fan_in_fan_out": kind == "gpt2", "rank_pattern": ranks, "alpha_pattern": alphas,
+           "init_lora_weights": True, "modules_to_save": None, "inference_mode": True}
+    return out, cfg
+
+
+def save_adapter(model: GPT, out: str | Path, base: str = "", extra: dict | None = None) -> Path:
+    """Write the model's adapter (LoRA or prompt tuning) to directory `out` in PEFT's format."""
+    out = Path(out)
+    if model.prompt is not None:
+        p: PromptTuning = model.prompt
+        tensors = {"prompt_embeddings": p.embedding.detach().float()}
+        cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p.n_tokens,
+               "token_dim": model.cfg.n_embd, "num_transformer_submodules": 1, "num_attention_heads": model.cfg.n_head,
+               "num_layers": model.cfg.n_layer, "prompt_tuning_init": "RANDOM", "inference_mode": True}
+    else:
+        tensors, cfg = lora_state(model)
+    cfg = {**cfg, "base_model_name_or_path": base, "revision": None, **(extra or {})}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def read_adapter(src: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter directory's config and tensors; ConfigError for what is not one (or would
+    need unpickling: adapter_model.bin is refused)."""
+    src = Path(src)
+    if not (src / CONFIG).is_file():
+        raise ConfigError(f"{src}: no {CONFIG}; not a PEFT adapter directory")
+    if not (src / WEIGHTS).is_file():
+        extra = " (adapter_model.bin is a pickle, which stoker never loads; save it with safe_serialization)" \
+            if (src / "adapter_model.bin").is_file() else ""
+        raise ConfigError(f"{src}: no {WEIGHTS}{extra}")
+    try:
+        cfg = json.loads((src / CONFIG).read_text())
+        tensors = load_file(str(src / WEIGHTS))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{src}: not a readable adapter ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{src / CONFIG}: not a JSON object")
+    return cfg, tensors
+
+
+def _pattern(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matching the end of the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def apply_adapter(model: GPT, src: str | Path) -> str:
+    """Load a PEFT adapter into a stoker GPT, in place: LoRA layers or prompt tuning, the base
+    frozen. Returns its peft_type. ConfigError for an adapter that does not fit the model."""
+    cfg, tensors = read_adapter(src)
+    kind, c = family(model.cfg), model.cfg
+    ptype = cfg.get("peft_type")
+    if ptype == "PROMPT_TUNING":
+        emb = tensors.get("prompt_embeddings")
+        if emb is None or emb.dim() != 2 or emb.size(1) != c.n_embd:
+            raise ConfigError(f"{src}: prompt_embeddings of shape {None if emb is None else tuple(emb.shape)} do not "
+                              f"fit this model (width {c.n_embd})")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.prompt = PromptTuning(emb.size(0), c.n_embd, device=model.wte.weight.device)
+        with torch.no_grad():
+            model.prompt.embedding.copy_(emb)
+        return ptype
+    if ptype != "LORA":
+        raise ConfigError(f"{src}: peft_type {ptype!r} is not supported; stoker loads LORA and PROMPT_TUNING")
+    for key, ok in (("bias", "none"), ("use_dora", False), ("modules_to_save", None)):
+        if cfg.get(key, ok) not in (ok, [], None if ok is None else ok):
+            raise ConfigError(f"{src}: {key} = {cfg[key]!r} is not supported (stoker's LoRA: bias none, no DoRA, "
+                              "no modules_to_save)")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name.removeprefix(PREFIX))
+        if m is None:
+            raise ConfigError(f"{src}: tensor {name!r} is not a LoRA A or B weight stoker can load")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t.float()
+    rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0))
+    hf_to_st = {hf: st for st, hf in (_LLAMA if kind == "llama" else _GPT2).items()}
+    for path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ConfigError(f"{src}: {path} has lora_{'A' if 'A' in ab else 'B'} without its other half")
+        lm = re.fullmatch(r"(?:model\.layers|transformer\.h)\.(\d+)\.(.+)", path)
+        if lm is None or int(lm.group(1)) >= c.n_layer:
+            raise ConfigError(f"{src}: {path} is not a layer of this {kind} model ({c.n_layer} blocks)")
+        i, hf = lm.groups()
+        A, B = ab["A"], ab["B"]
+        r = A.size(0)
+        alpha = float(_pattern(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
+        if _pattern(cfg.get("rank_pattern"), path, r) != r:
+            raise ConfigError(f"{src}: {path} holds rank {r}, its config says {_pattern(cfg['rank_pattern'], path, r)}")
+        if kind == "gpt2" and hf == "attn.c_attn":
+            parts = [(f"attn.{p}", B[k * c.n_embd:(k + 1) * c.n_embd]) for k, p in enumerate(_QKV)]
+        elif hf in hf_to_st:
+            parts = [(hf_to_st[hf], B)]
+        else:
+            raise ConfigError(f"{src}: {path}: LoRA on {hf!r} is not supported (stoker wraps "
+                              f"{', '.join(sorted(hf_to_st) + (['attn.c_attn'] if kind == 'gpt2' else []))})")
+        for st, b in parts:
+            parent = model.get_submodule(f"blocks.{i}.{st.rsplit('.', 1)[0]}")
+            leaf = st.rsplit(".", 1)[1]
+            base = getattr(parent, leaf)
+            if type(base) is not nn.Linear:
+                raise ConfigError(f"{src}: {path}: the layer has an adapter already; load one adapter per model")
+            if A.size(1) != base.in_features or b.size(0) != base.out_features or b.size(1) != r:
+                raise ConfigError(f"{src}: {path}: A {tuple(A.shape)} and B {tuple(b.shape)} do not fit "
+                                  f"a {base.out_features} x {base.in_features} layer")
+            lora = LoRALinear.wrap(base, r, alpha, dropout, rslora)
+            with torch.no_grad():
+                lora.lora_A.copy_(A)
+                lora.lora_B.copy_(b)
+            setattr(parent, leaf, lora)
+    trained = {id(q) for m in lora_layers(model).values() for q in (m.lora_A, m.lora_B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    return ptype
