@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from stoker.config import ConfigError, config_help, load_config
 from stoker.errors import RunError
@@ -124,6 +125,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace, overrides: list[str]) -> int:
+    """`stoker tune BASE RECORDS --method M`: `stoker train` with the tuning settings filled in."""
+    out = args.out or str(Path("runs") / f"{Path(args.base).name}-{args.method}")
+    tuned = [f"--model.init_from={args.base}", f"--tune.data={args.records}", f"--tune.method={args.method}",
+             f"--train.out_dir={out}"] + ([f"--tune.val_data={args.val}"] if args.val else [])
+    return cmd_train(args, tuned + overrides)
+
+
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
@@ -136,12 +145,35 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from stoker.generate import evaluate
 
+    if args.data and Path(args.data).is_file() or args.adapter:
+        return _eval_records(args)
     try:
         r = evaluate(args.run_dir, batches=args.batches, data_dir=args.data, seq_len=args.seq_len)
     except ConfigError as e:
         return _fail(str(e))
     print(f"step {r['step']}: val loss {r['val_loss']:.4f} nats/token, perplexity {r['perplexity']:.2f} "
           f"({r['windows']} windows, {r['tokens']:,} tokens)")
+    return 0
+
+
+def _eval_records(args: argparse.Namespace) -> int:
+    """`stoker eval RUN --data records.jsonl [--adapter DIR]`: completion loss and exact match."""
+    from stoker.generate import load_trained
+    from stoker.tune.adapters import apply_adapter
+    from stoker.tune.evaluate import evaluate_records
+    from stoker.tune.records import RecordError
+
+    if not (args.data and Path(args.data).is_file()):
+        return _fail("--adapter: measured on records: give --data FILE.jsonl")
+    try:
+        model, tok, step = load_trained(args.run_dir)
+        if args.adapter:
+            apply_adapter(model, args.adapter)
+        r = evaluate_records(model, tok, args.data, limit=args.limit)
+    except (ConfigError, RecordError) as e:
+        return _fail(str(e))
+    print(f"step {step}{' + ' + args.adapter if args.adapter else ''}: completion loss {r['loss']:.4f} nats/token, "
+          f"exact match {r['accuracy']:.1%} ({r['records']} records, {r['tokens']:,} completion tokens)")
     return 0
 
 
@@ -327,6 +359,26 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--master", metavar="HOST:PORT", default=None,
                     help="node 0's address and a free port there, reachable from every host (e.g. 10.0.0.1:29500)")
 
+    pu = sub.add_parser("tune", help="tune a trained model on instruction records: LoRA, prompt tuning, full",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Tune BASE (a run of `stoker train` or `stoker import`) on RECORDS, JSONL lines of\n"
+                                    '{"prompt": ..., "completion": ...} or {"messages": [...]}; the loss counts the\n'
+                                    "completions only. `stoker train` with model.init_from, tune.data and tune.method\n"
+                                    "set: every --section.key=value override works (--tune.lora_rank=16,\n"
+                                    "--train.steps=300, ...), and so do resuming and --nproc. LoRA and prompt tuning\n"
+                                    "write OUT/adapter in PEFT's format; full fine-tuning's OUT is a model like any run.",
+                        epilog=keys)
+    pu.add_argument("base", help="the run directory of the model to tune")
+    pu.add_argument("records", help="JSONL instruction records (tune.data)")
+    pu.add_argument("--method", choices=("lora", "prompt", "full"), default="lora",
+                    help="lora (default): low-rank updates of the projections; prompt: learned virtual tokens; "
+                         "full: every weight")
+    pu.add_argument("--out", default=None, help="run directory (default runs/<BASE name>-<method>)")
+    pu.add_argument("--val", default=None, help="validation records (default: tune.val_fraction of RECORDS)")
+    pu.add_argument("--config", default=None, help="TOML file of settings, as `stoker train` takes")
+    pu.add_argument("--nproc", type=int, default=1, help="launch N processes under torchrun (data parallel)")
+    pu.set_defaults(nnodes=1, node_rank=0, master=None)
+
     pc = sub.add_parser("config", help="print the resolved config as TOML",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Resolve defaults, CONFIG.toml and --section.key=value overrides as `stoker train`\n"
@@ -337,9 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
     pe.add_argument("run_dir", help="a train.out_dir, or a run written by `stoker import`")
     pe.add_argument("--batches", type=int, default=16, help="val batches of 8 windows (default 16)")
-    pe.add_argument("--data", metavar="DIR", default=None,
+    pe.add_argument("--data", metavar="DIR|FILE.jsonl", default=None,
                     help="prepared data to take the val split from (default: the run's data.dir; needed for an "
-                         "imported model); must be tokenized with the run's tokenizer (stoker prepare --tokenizer RUN)")
+                         "imported model); must be tokenized with the run's tokenizer (stoker prepare --tokenizer RUN). "
+                         "Or instruction records (JSONL, as tune.data): the loss on their completions and the share "
+                         "whose greedy completion is exact")
+    pe.add_argument("--adapter", metavar="DIR", default=None,
+                    help="a LoRA or prompt-tuning adapter in PEFT's format (a tuning run's adapter/, or PEFT's "
+                         "save_pretrained) to apply to RUN_DIR's model; with --data FILE.jsonl")
+    pe.add_argument("--limit", type=int, default=0, help="with records: only the first N (default 0: all)")
     pe.add_argument("--seq-len", type=int, default=None,
                     help="tokens per window (default: the run's train.seq_len; for an imported model the context, "
                          "at most 1024)")
@@ -462,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides: list[str] = []
-    if argv[:1] in (["train"], ["config"]):
+    if argv[:1] in (["train"], ["config"], ["tune"]):
         try:
             argv, overrides = _split_overrides(argv)
         except ConfigError as e:
@@ -476,6 +534,8 @@ def _main(argv: list[str] | None = None) -> int:
     args.job_command = command  # `jobs submit ... -- COMMAND`
     if args.command == "train":
         return cmd_train(args, overrides)
+    if args.command == "tune":
+        return cmd_tune(args, overrides)
     if args.command == "config":
         return cmd_config(args, overrides)
     if args.command == "generate":

@@ -51,6 +51,10 @@ def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tupl
     ckpt, state = found
     with torch.device("meta"):
         model = GPT(gcfg)
+    if (out / "config.toml").is_file():  # a LoRA or prompt-tuning run: its checkpoint holds the adapter too
+        from stoker.tune.setup import add_adapter
+
+        add_adapter(model, load_config(out / "config.toml"))
     if tp_mesh is not None:
         from stoker.parallel.parallelize import apply_tp
 

@@ -381,11 +381,12 @@ def _dcp_load(sd: dict, path: Path) -> None:
 
 def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
                     optimizers: list[torch.optim.Optimizer] | None = None, state: dict | None = None,
-                    restore_rng: bool = True) -> dict:
+                    restore_rng: bool = True, skip: Callable[[str], bool] | None = None) -> dict:
     """Collective: load model (and optimizer) state into already parallelized model parts,
     whatever layout wrote it; restore this rank's RNG state (unless `restore_rng` is False:
     a new run started from another's weights). Returns trainer.json (pass `state` when
-    find_checkpoint already verified and read it)."""
+    find_checkpoint already verified and read it). `skip` (weights only): model keys to leave
+    as they are, which the checkpoint need not hold (an adapter's, over its base model)."""
     path = Path(path)
     if state is None:
         try:
@@ -396,9 +397,9 @@ def load_checkpoint(path: str | Path, parts: nn.Module | list[nn.Module],
         parts = [parts]
     if optimizers is None:
         for m in parts:
-            sd = {"model": get_model_state_dict(m)}
+            sd = {"model": {k: v for k, v in get_model_state_dict(m).items() if not (skip and skip(k))}}
             _dcp_load(sd, path)
-            set_model_state_dict(m, sd["model"])
+            set_model_state_dict(m, sd["model"], options=StateDictOptions(strict=skip is None))
     else:
         per_part = _state_dicts(parts, optimizers)
         sd = {"model": {}, "optim": {}}

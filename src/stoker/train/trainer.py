@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +36,11 @@ from stoker.train.checkpoint import (find_checkpoint, load_checkpoint, load_rank
                                      save_checkpoint)
 from stoker.train.metrics import MetricsLog, fastest_attention, peak_flops, plot_loss
 from stoker.train.schedule import lr_at, schedule_state
+from stoker.tune.setup import Tuning, is_adapter_key
 
 
-def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
+def model_config(cfg: Config, vocab_size: int | None) -> GPTConfig:
+    """vocab_size: the data's token ids (None: tuning records, tokenized with the base's own tokenizer)."""
     m = cfg.model
     if m.init_from:
         return init_config(cfg, vocab_size)
@@ -48,7 +51,7 @@ def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
         raise ConfigError(f"model: {e}") from None
 
 
-def init_config(cfg: Config, vocab_size: int) -> GPTConfig:
+def init_config(cfg: Config, vocab_size: int | None) -> GPTConfig:
     """The architecture of model.init_from's run, checked against this run's data and layout."""
     src = Path(cfg.model.init_from)
     spec = src / "model.json"
@@ -60,10 +63,10 @@ def init_config(cfg: Config, vocab_size: int) -> GPTConfig:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.init_from: {spec}: {e}") from None
     mine, theirs = Path(cfg.data.dir) / "tokenizer.json", src / "tokenizer.json"
-    if not theirs.is_file() or mine.read_bytes() != theirs.read_bytes():
+    if vocab_size is not None and (not theirs.is_file() or mine.read_bytes() != theirs.read_bytes()):
         raise ConfigError(f"data.dir: {cfg.data.dir} was not tokenized with {src}'s tokenizer; prepare it with "
                           f"`stoker prepare --tokenizer {src} ...`")
-    if vocab_size > gcfg.vocab_size:
+    if vocab_size is not None and vocab_size > gcfg.vocab_size:
         raise ConfigError(f"data.dir: {vocab_size} token ids, more than the model's {gcfg.vocab_size}")
     if cfg.train.seq_len > gcfg.block_size:
         raise ConfigError(f"train.seq_len: {cfg.train.seq_len} is longer than the model's context {gcfg.block_size}")
@@ -86,25 +89,35 @@ def build_model(gcfg: GPTConfig, seed: int, device: torch.device) -> GPT:
     return model.to(device)
 
 
-def build_parts(gcfg: GPTConfig, cfg: Config, info: DistInfo, mesh) -> tuple[list[nn.Module], list[int]]:
+def build_parts(gcfg: GPTConfig, cfg: Config, info: DistInfo, mesh,
+                adapt: Callable[[nn.Module], None] | None = None) -> tuple[list[nn.Module], list[int]]:
     """This rank's model parts (the whole model, or its pipeline stages) and their stage
-    indices, parallelized per cfg.parallel and initialised from train.seed.
+    indices, parallelized per cfg.parallel and initialised from train.seed; `adapt` (a tuning
+    run's adapter) is applied to the whole model before it is split or wrapped.
 
     Sharded layouts are built on the meta device, parallelized, then materialised: rank 0
     alone builds the initial weights and broadcasts them, so every layout starts from the
     same weights as one process, and no other rank ever holds the whole model.
     """
     t, pcfg = cfg.train, cfg.parallel
+    adapt = adapt or (lambda m: None)
+
+    def built(device: torch.device) -> GPT:
+        m = build_model(gcfg, t.seed, device)
+        adapt(m)
+        return m
+
     if mesh is None or uses_ddp(pcfg):
-        model = parallelize(build_model(gcfg, t.seed, info.device), mesh, pcfg, t.dtype, t.compile)
+        model = parallelize(built(info.device), mesh, pcfg, t.dtype, t.compile)
         if mesh is None or pcfg.sync != "step":  # DiLoCo replicas step alone: no per-step gradient sync
             return [model], [0]
         return [apply_ddp(model, mesh["dp_replicate"], pcfg.bucket_mb)], [0]
     with torch.device("meta"):
         full = GPT(gcfg)
+        adapt(full)
     stages = build_stages(full, pcfg, mesh["pp"].get_local_rank()) if pcfg.pp > 1 else [(0, full)]
     parts = []
-    init = build_model(gcfg, t.seed, torch.device("cpu")).state_dict() if info.is_main else {}
+    init = built(torch.device("cpu")).state_dict() if info.is_main else {}
     for _, m in stages:
         m = parallelize(m, mesh, pcfg, t.dtype, t.compile)
         m.to_empty(device=info.device)
@@ -119,6 +132,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     decay, no_decay = [], []
     for p in model.parameters():
+        if not p.requires_grad:  # a tuning run's frozen base
+            continue
         # Matmul weights and embeddings decay; biases and norm gains do not.
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -307,19 +322,25 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         pcfg.dp_replicate = info.world
         cfg.validate()
     out = Path(t.out_dir)
-    try:
-        meta = load_meta(cfg.data.dir)
-        train_windows = TokenWindows(load_split(cfg.data.dir, "train"), t.seq_len)
-        val_windows = TokenWindows(load_split(cfg.data.dir, "val"), t.seq_len)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"data.dir: {e}") from None
-    gcfg = model_config(cfg, meta["vocab_size"])
+    tuning = Tuning(cfg) if cfg.tune.method != "none" else None
+    if tuning is not None:
+        train_windows, val_windows = tuning.train_rows, tuning.val_rows
+        gcfg = model_config(cfg, None)
+        tuning.check(gcfg.block_size)
+    else:
+        try:
+            meta = load_meta(cfg.data.dir)
+            train_windows = TokenWindows(load_split(cfg.data.dir, "train"), t.seq_len)
+            val_windows = TokenWindows(load_split(cfg.data.dir, "val"), t.seq_len)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.dir: {e}") from None
+        gcfg = model_config(cfg, meta["vocab_size"])
     if pcfg.auto:
         auto_layout(cfg, gcfg, info)
     mesh = build_mesh(pcfg, info)
     dp_rank, dp_world = dp_rank_world(mesh)
 
-    parts, stage_ids = build_parts(gcfg, cfg, info, mesh)
+    parts, stage_ids = build_parts(gcfg, cfg, info, mesh, tuning.apply if tuning else None)
     optimizers = [build_optimizer(m, cfg) for m in parts]
     names = {id(p): n for n, p in _unwrap(parts[0]).named_parameters()}
     replicas = mesh["dp_replicate"].get_group() if mesh is not None and uses_ddp(pcfg) else None
@@ -373,7 +394,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         init = find_checkpoint(cfg.model.init_from)
         if init is None:
             raise ConfigError(f"model.init_from: {cfg.model.init_from} holds no complete checkpoint")
-        load_checkpoint(init[0], parts, state=init[1], restore_rng=False)  # the weights; the optimizer starts anew
+        # The weights (an adapter's own start as built); the optimizer starts anew.
+        load_checkpoint(init[0], parts, state=init[1], restore_rng=False, skip=is_adapter_key if tuning else None)
         if info.is_main:
             print(f"starting from the weights of {init[0]}", flush=True)
     kernel = choose_attention(cfg, gcfg, info, split.micro, state.get("attention") if found is not None else None)
@@ -394,7 +416,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         cfg.save(out / "config.toml")
         # The run directory carries what inference needs, independent of the data directory.
         (out / "model.json").write_text(json.dumps(asdict(gcfg), indent=1))
-        copy_tokenizer(cfg.data.dir, out)  # and an imported model's eos and chat template
+        copy_tokenizer(cfg.model.init_from if tuning else cfg.data.dir, out)  # and an imported model's eos and chat template
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if found is not None else None) if info.is_main else None
 
     fpt = flops_per_token(gcfg, t.seq_len)
@@ -421,6 +443,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         # DiLoCo: the model entry holds the replicas' mean, which every other setting can load.
         with syncer.averaged() if syncer else contextlib.nullcontext():
             save_checkpoint(out, step, parts, optimizers, trainer_state, t.keep_last, rank_state=own)
+            if tuning is not None:
+                tuning.save(_unwrap(parts[0]), out, info.is_main)
 
     def run_eval(step: int) -> float:
         with syncer.averaged() if syncer else contextlib.nullcontext():

@@ -64,18 +64,18 @@ def lora_state(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
             if kind == "gpt2" and rest.split(".")[-1] in _QKV:
                 continue
             hf = (_LLAMA if kind == "llama" else _GPT2)[rest]
-            out[f"{base}.{hf}.lora_A.weight"] = m.lora_A.detach().float()
-            out[f"{base}.{hf}.lora_B.weight"] = m.lora_B.detach().float()
+            out[f"{base}.{hf}.lora_A.weight"] = _whole(m.lora_A)
+            out[f"{base}.{hf}.lora_B.weight"] = _whole(m.lora_B)
             targets.add(hf)
         qkv = [mods.get(f"attn.{p}") for p in _QKV]
         present = [(j, m) for j, m in enumerate(qkv) if m is not None]
         if kind == "gpt2" and present:
             C = present[0][1].in_features
             n = len(present)
-            A = torch.cat([m.lora_A.detach().float() for _, m in present])  # (n r, C)
+            A = torch.cat([_whole(m.lora_A) for _, m in present])  # (n r, C)
             B = torch.zeros(3 * C, n * r)
             for t, (j, m) in enumerate(present):
-                B[j * C:(j + 1) * C, t * r:(t + 1) * r] = m.lora_B.detach().float()
+                B[j * C:(j + 1) * C, t * r:(t + 1) * r] = _whole(m.lora_B)
             out[f"{base}.attn.c_attn.lora_A.weight"], out[f"{base}.attn.c_attn.lora_B.weight"] = A, B
             targets.add("attn.c_attn")
             if n > 1:  # rank n r; alpha so that alpha / r (or / sqrt(r)) stays as it was
@@ -90,18 +90,27 @@ def lora_state(model: GPT) -> tuple[dict[str, torch.Tensor], dict]:
     return out, cfg
 
 
-def save_adapter(model: GPT, out: str | Path, base: str = "", extra: dict | None = None) -> Path:
-    """Write the model's adapter (LoRA or prompt tuning) to directory `out` in PEFT's format."""
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value, fp32 on the CPU (a sharded DTensor gathered: collective)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).float().cpu()
+
+
+def save_adapter(model: GPT, out: str | Path, base: str = "", extra: dict | None = None, write: bool = True) -> Path:
+    """Write the model's adapter (LoRA or prompt tuning) to directory `out` in PEFT's format.
+    A sharded model's ranks all call it (the tensors are gathered); only `write` ones write."""
     out = Path(out)
     if model.prompt is not None:
         p: PromptTuning = model.prompt
-        tensors = {"prompt_embeddings": p.embedding.detach().float()}
+        tensors = {"prompt_embeddings": _whole(p.embedding)}
         cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p.n_tokens,
                "token_dim": model.cfg.n_embd, "num_transformer_submodules": 1, "num_attention_heads": model.cfg.n_head,
                "num_layers": model.cfg.n_layer, "prompt_tuning_init": "RANDOM", "inference_mode": True}
     else:
         tensors, cfg = lora_state(model)
     cfg = {**cfg, "base_model_name_or_path": base, "revision": None, **(extra or {})}
+    if not write:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
