@@ -7,12 +7,13 @@ wrong and exit code 2; internal errors keep their traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
-from stoker.config import ConfigError, config_help, load_config
+from stoker.config import ConfigError, TrainConfig, config_help, load_config
 from stoker.errors import RunError
 
 USAGE_ERROR = 2
@@ -130,6 +131,13 @@ def cmd_tune(args: argparse.Namespace, overrides: list[str]) -> int:
     out = args.out or str(Path("runs") / f"{Path(args.base).name}-{args.method}")
     tuned = [f"--model.init_from={args.base}", f"--tune.data={args.records}", f"--tune.method={args.method}",
              f"--train.out_dir={out}"] + ([f"--tune.val_data={args.val}"] if args.val else [])
+    spec = Path(args.base) / "model.json"
+    if args.config is None and spec.is_file():  # rows no longer than the base's context unless told
+        try:
+            context = int(json.loads(spec.read_text())["block_size"])
+            tuned.append(f"--train.seq_len={min(context, TrainConfig.seq_len)}")
+        except (ValueError, KeyError, TypeError):
+            pass  # the trainer names what is wrong with it
     return cmd_train(args, tuned + overrides)
 
 

@@ -137,6 +137,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         # Matmul weights and embeddings decay; biases and norm gains do not.
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # an adapter has no biases (and an empty group breaks resume)
+    if not groups:
+        raise ConfigError("nothing to train: every parameter of the model is frozen")
     try:
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype: the multi-tensor one

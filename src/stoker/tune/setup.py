@@ -48,6 +48,9 @@ class Tuning:
     def __init__(self, cfg: Config):
         self.cfg, t = cfg, cfg.tune
         base = Path(cfg.model.init_from)
+        if not (base / "model.json").is_file():
+            raise ConfigError(f"model.init_from: {base} is not a run directory (no model.json); `stoker train` or "
+                              "`stoker import` writes one")
         try:
             self.tok = Tokenizer.load(base)
         except (FileNotFoundError, ValueError) as e:
