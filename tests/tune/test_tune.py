@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import losses
+from conftest import assert_curves_close, losses
 from stoker.cli import main
 from stoker.generate import load_trained
 from stoker.tune.adapters import apply_adapter
@@ -83,3 +83,21 @@ def test_tuning_errors_are_one_line(tune_base, tmp_path, capsys):
         assert main(["tune", *args, "--out", str(tmp_path / "o"), "--train.progress=false"]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_lora_under_ddp_and_fsdp_follows_one_process(tune_base, tmp_path):
+    """Records put different numbers of completion tokens in each rank's share: the loss is
+    the mean over all of them (each share weighted by its count), so layouts agree."""
+    import os
+    import subprocess
+    import sys
+
+    records = write_records(tmp_path / "r.jsonl", 64, seed=4)
+    args = [str(tune_base), str(records), *COMMON, "--train.steps=6", "--train.lr=1e-2"]
+    assert tune(tune_base, records, tmp_path / "one", "lora", "--train.steps=6", "--train.lr=1e-2") == 0
+    one = losses(tmp_path / "one")
+    for name, extra in [("ddp", []), ("fsdp", ["--parallel.dp_shard=2"])]:
+        cmd = [sys.executable, "-m", "stoker", "tune", *args, "--out", str(tmp_path / name), "--nproc", "2", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert_curves_close(losses(tmp_path / name), one, range(1, 7))

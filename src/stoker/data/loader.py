@@ -83,6 +83,13 @@ class DataLoader:
             return data[:, 0, :-1].contiguous(), data[:, 1, 1:].contiguous()
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
+    def target_count(self, step: int) -> int | None:
+        """Targets that count in the whole global batch of `step`, when windows mask some
+        (tuning records: -100 where no loss); None when every target counts."""
+        if not getattr(self.windows, "masked", False):
+            return None
+        return sum(int((self.windows[i][1, 1:] != -100).sum()) for i in self.global_indices(step))
+
     def __iter__(self):
         return self
 

@@ -24,7 +24,8 @@ from stoker.config import Config, ConfigError
 from stoker.data.loader import DataLoader, TokenWindows
 from stoker.data.prepare import load_meta, load_split
 from stoker.data.tokenizer import copy_files as copy_tokenizer
-from stoker.models.gpt import ATTENTION_KERNELS, GPT, GPTConfig, count_params, flops_per_token, loss_fn, set_attention
+from stoker.models.gpt import (ATTENTION_KERNELS, GPT, IGNORE_INDEX, GPTConfig, count_params, flops_per_token, loss_fn,
+                               set_attention)
 from stoker.parallel.mesh import (DistInfo, build_mesh, dp_rank_world, from_rank0, init_distributed, local_shard,
                                   shutdown)
 from stoker.parallel.comm import DiLoCo, load_optimizer_state, optimizer_state, register_ddp_hook
@@ -192,6 +193,7 @@ class Ctx:
     tied: TiedGradSync | None = None
     norm_skip: frozenset[int] = frozenset()  # ids of parameters whose norm another stage counts
     local: bool = False  # this step exchanges no gradients (train.compute_probe)
+    dp_world: int = 1  # data-parallel ranks: each holds 1/dp_world of the batch
 
     def loss_context(self):
         return loss_parallel() if self.tp else contextlib.nullcontext()
@@ -230,9 +232,12 @@ def _pipeline_losses(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, train: bool) ->
     return torch.stack([_full(l.detach()).float() for l in losses]).mean().reshape(1)
 
 
-def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, n_targets: int | None = None) -> torch.Tensor:
     """Gradients of the mean loss over this rank's share of the batch; returns that loss
-    where this rank computes it (every rank without a pipeline, the last stage with one)."""
+    where this rank computes it (every rank without a pipeline, the last stage with one).
+    n_targets: the targets that count in the whole global batch, when some do not (tuning
+    records): each micro-batch's mean is then weighted by its share of them, so that the
+    gradient is that of the mean over every counted token, whatever the layout."""
     if ctx.schedule is not None:
         loss_sum = _pipeline_losses(ctx, x, y, train=True)
         if ctx.tied is not None:
@@ -241,9 +246,10 @@ def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     model = ctx.parts[0]
     loss_sum = torch.zeros(1, device=ctx.info.device)
     for i, (xm, ym) in enumerate(_micro_batches(x, y, ctx.accum)):
+        weight = 1 / ctx.accum if n_targets is None else int((ym != IGNORE_INDEX).sum()) * ctx.dp_world / max(n_targets, 1)
         with _sync_context(model, last=i == ctx.accum - 1 and not ctx.local), ctx.loss_context():
             with ctx.autocast:
-                loss = model(xm.to(ctx.info.device), ym.to(ctx.info.device)) / ctx.accum
+                loss = model(xm.to(ctx.info.device), ym.to(ctx.info.device)) * weight
             loss.backward()
         loss_sum += _full(loss.detach()).float()
     return loss_sum
@@ -357,6 +363,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     if split.note and info.is_main:
         print(split.note, flush=True)
     ctx = Ctx(info, parts, autocast, accum=split.count, tp=pcfg.tp > 1)
+    ctx.dp_world = dp_world
     if pcfg.pp > 1:
         pp_mesh = mesh["pp"]
         ctx.schedule = build_schedule(parts, stage_ids, pcfg, pp_mesh, info.device, loss_fn, split.count)
@@ -485,7 +492,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = lr
             x, y = loader.batch(step)
-            loss_sum = forward_backward(ctx, x, y)
+            loss_sum = forward_backward(ctx, x, y, loader.target_count(step))
             gnorm = _clip(ctx, t.grad_clip)  # the global norm: every rank takes the same branch
             if syncer and replicas is not None:  # replicas clip alone; they skip or stop together
                 sq = torch.tensor([gnorm ** 2], device=info.device)

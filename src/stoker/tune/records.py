@@ -132,6 +132,8 @@ class RecordRows:
     (2, seq_len + 1) array of tokens and of targets (the token, or -100 where no loss), and
     `task(i)` its task (rows hold one task's records)."""
 
+    masked = True  # some targets are -100 (stoker.data.loader.DataLoader.target_count)
+
     def __init__(self, examples: list[Example], seq_len: int, pad_id: int, pack: bool):
         self.seq_len, self.pad_id = seq_len, pad_id
         L = seq_len + 1
