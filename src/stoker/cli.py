@@ -38,7 +38,9 @@ def _summary_table(title: str, rows: list[tuple[str, str]]):
 def train_table(s: dict):
     return _summary_table("training run", [
         ("steps", f"{s['start_step']} -> {s['steps']}" + (" (stopped early)" if s["stopped_early"] else "")),
-        ("parameters", f"{s['params'] / 1e6:.2f} M"),
+        ("parameters", f"{s['params'] / 1e6:.2f} M" + (
+            f" ({s['trainable_params']:,} trained: {s['trainable_params'] / s['params']:.2%})"
+            if s.get("trainable_params", s["params"]) < s["params"] else "")),
         ("tokens seen", f"{s['tokens']:,}"),
         ("final train loss", f"{s['train_loss']:.4f}"),
         ("final val loss", f"{s['val_loss']:.4f}"),
@@ -378,9 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=keys)
     pu.add_argument("base", help="the run directory of the model to tune")
     pu.add_argument("records", help="JSONL instruction records (tune.data)")
-    pu.add_argument("--method", choices=("lora", "prompt", "full"), default="lora",
+    pu.add_argument("--method", choices=("lora", "prompt", "multitask-prompt", "full"), default="lora",
                     help="lora (default): low-rank updates of the projections; prompt: learned virtual tokens; "
-                         "full: every weight")
+                         "multitask-prompt: a shared prompt with a factor per record task; full: every weight")
     pu.add_argument("--out", default=None, help="run directory (default runs/<BASE name>-<method>)")
     pu.add_argument("--val", default=None, help="validation records (default: tune.val_fraction of RECORDS)")
     pu.add_argument("--config", default=None, help="TOML file of settings, as `stoker train` takes")

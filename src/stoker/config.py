@@ -255,13 +255,14 @@ class ParallelConfig:
         return " x ".join(parts)
 
 
-TUNE_METHODS = ["none", "lora", "prompt", "full"]
+TUNE_METHODS = ["none", "lora", "prompt", "multitask-prompt", "full"]
 
 
 @dataclass
 class TuneConfig:
-    method: str = _opt("none", "none: train on data.dir's token shards; lora, prompt (prompt tuning) or full "
-                               "(every weight): tune model.init_from's model on tune.data's records")
+    method: str = _opt("none", "none: train on data.dir's token shards; lora, prompt (prompt tuning), "
+                               "multitask-prompt (one prompt per record task) or full (every weight): tune "
+                               "model.init_from's model on tune.data's records")
     data: str = _opt("", "JSONL records to tune on: {\"prompt\", \"completion\"} or {\"messages\"}, one a line")
     val_data: str = _opt("", "JSONL records for validation (unset: tune.val_fraction of tune.data)")
     val_fraction: float = _opt(0.1, "share of tune.data held out for validation when tune.val_data is unset")
@@ -278,6 +279,9 @@ class TuneConfig:
     virtual_tokens: int = _opt(20, "prompt tuning: learned embeddings put before every input")
     prompt_init: str = _opt("", "prompt tuning: a text whose token embeddings start the virtual tokens (unset: "
                                 "embeddings of random vocabulary tokens)")
+    prompt_from: str = _opt("", "prompt tuning: an adapter directory (a multitask run's, say) whose shared prompt "
+                                "starts the virtual tokens: a new task begins from what others learned")
+    task_rank: int = _opt(1, "multitask-prompt: rank of each task's factor (cols @ rows) of the shared prompt")
 
     def validate(self) -> None:
         _choice("tune.method", self.method, TUNE_METHODS)
@@ -286,6 +290,8 @@ class TuneConfig:
         _range("tune.lora_dropout", self.lora_dropout, 0.0, 1.0)
         if self.lora_rank < 1:
             raise ConfigError(f"tune.lora_rank: must be >= 1, got {self.lora_rank}")
+        if self.task_rank < 1:
+            raise ConfigError(f"tune.task_rank: must be >= 1, got {self.task_rank}")
         if self.virtual_tokens < 1:
             raise ConfigError(f"tune.virtual_tokens: must be >= 1, got {self.virtual_tokens}")
         if self.method != "none" and not self.data:
@@ -316,7 +322,7 @@ class Config:
             if not self.model.init_from:
                 raise ConfigError(f"model.init_from: tune.method={self.tune.method} tunes a trained model: name its "
                                   "run directory (`stoker train` or `stoker import` writes one)")
-            if self.tune.method in ("lora", "prompt") and par.pp > 1:
+            if self.tune.method != "full" and par.pp > 1:
                 raise ConfigError(f"parallel.pp: tune.method={self.tune.method} runs without pipeline stages; use "
                                   "DDP or FSDP (parallel.dp_replicate, parallel.dp_shard)")
         preset = PRESETS[self.model.preset]

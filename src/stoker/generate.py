@@ -54,7 +54,7 @@ def load_trained(out_dir: str | Path, device: str = "cpu", tp_mesh=None) -> tupl
     if (out / "config.toml").is_file():  # a LoRA or prompt-tuning run: its checkpoint holds the adapter too
         from stoker.tune.setup import add_adapter
 
-        add_adapter(model, load_config(out / "config.toml"))
+        add_adapter(model, load_config(out / "config.toml"), tasks=state.get("tasks"))
     if tp_mesh is not None:
         from stoker.parallel.parallelize import apply_tp
 
@@ -142,7 +142,13 @@ def export(out_dir: str | Path, path: str | Path | None = None) -> Path:
     once; the model's shape in the file's metadata). Default path: <out_dir>/model.safetensors."""
     from safetensors.torch import save_model
 
+    from stoker.tune.lora import merge_lora
+
     model, _, step = load_trained(out_dir)
+    if model.prompt is not None:
+        raise ConfigError(f"{out_dir} is a prompt-tuning run: its virtual tokens cannot fold into the weights; "
+                          f"export its base (model.init_from) and use {Path(out_dir) / 'adapter'} with it")
+    merge_lora(model)  # a LoRA run: its updates folded into the weights
     dest = Path(path) if path is not None else Path(out_dir) / EXPORT_NAME
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")

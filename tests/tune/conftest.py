@@ -17,14 +17,15 @@ def tune_base(small_data, tmp_path_factory) -> Path:
     return out
 
 
-def write_records(path: Path, n: int, seed: int = 0, task: str | None = None) -> Path:
-    """Records of a task a code model does not do by itself: name the first word of a line."""
+def write_records(path: Path, n: int, seed: int = 0, task: str | None = None, mode: str = "a") -> Path:
+    """Records of a task a code model does not do by itself: name the first word of a line
+    (task "first"), or the last (task "last"); `task` names the records' task."""
     words = ["def", "class", "return", "import", "for", "while", "if", "with", "yield", "raise"]
     rng = random.Random(seed)
-    with path.open("w") as f:
+    with path.open(mode) as f:
         for _ in range(n):
             line = " ".join(rng.choice(words) for _ in range(3))
-            rec = {"prompt": f"{line}\n=", "completion": " " + line.split()[0]}
+            rec = {"prompt": f"{line}\n=", "completion": " " + line.split()[-1 if task == "last" else 0]}
             if task is not None:
                 rec["task"] = task
             f.write(json.dumps(rec) + "\n")

@@ -83,6 +83,15 @@ class DataLoader:
             return data[:, 0, :-1].contiguous(), data[:, 1, 1:].contiguous()
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
+    def tasks(self, step: int) -> torch.Tensor | None:
+        """This process's rows' tasks for `step`, aligned with batch(step), where windows have
+        tasks (tuning records); else None."""
+        if not hasattr(self.windows, "task"):
+            return None
+        local = self.batch_size // self.dp_world
+        idx = self.global_indices(step)[self.dp_rank * local : (self.dp_rank + 1) * local]
+        return torch.tensor([self.windows.task(i) for i in idx])
+
     def target_count(self, step: int) -> int | None:
         """Targets that count in the whole global batch of `step`, when windows mask some
         (tuning records: -100 where no loss); None when every target counts."""

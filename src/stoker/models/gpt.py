@@ -367,18 +367,20 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         return self.drop(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                task: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), the mean next-token
         loss instead, computed without the whole batch's logits (linear_cross_entropy) unless
         the head is split by tensor parallelism.
 
         A pipeline stage is this module with some parts set to None (stoker.parallel.pipeline):
         a stage other than the first takes hidden states (B, T, C), floats, instead of ids,
-        and one without the head returns hidden states.
+        and one without the head returns hidden states. task (B,): each row's task, for a
+        multitask prompt (stoker.tune.prompt).
         """
         n_virtual = 0
         if not idx.is_floating_point():
-            prefix = self.prompt(idx.size(0)) if self.prompt is not None else None
+            prefix = self.prompt(idx.size(0), task) if self.prompt is not None else None
             n_virtual = prefix.size(1) if prefix is not None else 0
             T = n_virtual + idx.size(1)
             if T > self.cfg.block_size:

@@ -313,6 +313,12 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not empty; give a new directory")
     model, tok, step = load_trained(run)
+    if model.prompt is not None:
+        raise ConfigError(f"{run} is a prompt-tuning run: its virtual tokens cannot fold into the weights. Export "
+                          f"its base (model.init_from) and use {Path(run) / 'adapter'} with it (PEFT's format)")
+    from stoker.tune.lora import merge_lora
+
+    merge_lora(model)  # a LoRA run exports as one plain model, its updates folded into the weights
     cfg = model.cfg
     config = hf_config(cfg)  # a shape neither family holds: refused before anything is written
     tensors = to_hf({k: v.detach() for k, v in model.state_dict().items()}, cfg)

@@ -199,8 +199,10 @@ class Ctx:
         return loss_parallel() if self.tp else contextlib.nullcontext()
 
 
-def _micro_batches(x: torch.Tensor, y: torch.Tensor, n: int):
-    return zip(x.chunk(n), y.chunk(n))
+def _micro_batches(x: torch.Tensor, y: torch.Tensor, n: int, tasks: torch.Tensor | None = None):
+    """(inputs, targets, model keyword arguments) of each of n micro-batches."""
+    kwargs = [{"task": t} for t in tasks.chunk(n)] if tasks is not None else [{}] * n
+    return zip(x.chunk(n), y.chunk(n), kwargs)
 
 
 def _sync_context(model: nn.Module, last: bool):
@@ -232,12 +234,14 @@ def _pipeline_losses(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, train: bool) ->
     return torch.stack([_full(l.detach()).float() for l in losses]).mean().reshape(1)
 
 
-def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, n_targets: int | None = None) -> torch.Tensor:
+def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, n_targets: int | None = None,
+                     tasks: torch.Tensor | None = None) -> torch.Tensor:
     """Gradients of the mean loss over this rank's share of the batch; returns that loss
     where this rank computes it (every rank without a pipeline, the last stage with one).
     n_targets: the targets that count in the whole global batch, when some do not (tuning
     records): each micro-batch's mean is then weighted by its share of them, so that the
-    gradient is that of the mean over every counted token, whatever the layout."""
+    gradient is that of the mean over every counted token, whatever the layout. tasks: each
+    row's task (a multitask prompt)."""
     if ctx.schedule is not None:
         loss_sum = _pipeline_losses(ctx, x, y, train=True)
         if ctx.tied is not None:
@@ -245,18 +249,18 @@ def forward_backward(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, n_targets: int 
         return loss_sum
     model = ctx.parts[0]
     loss_sum = torch.zeros(1, device=ctx.info.device)
-    for i, (xm, ym) in enumerate(_micro_batches(x, y, ctx.accum)):
+    for i, (xm, ym, kw) in enumerate(_micro_batches(x, y, ctx.accum, tasks)):
         weight = 1 / ctx.accum if n_targets is None else int((ym != IGNORE_INDEX).sum()) * ctx.dp_world / max(n_targets, 1)
         with _sync_context(model, last=i == ctx.accum - 1 and not ctx.local), ctx.loss_context():
             with ctx.autocast:
-                loss = model(xm.to(ctx.info.device), ym.to(ctx.info.device)) * weight
+                loss = model(xm.to(ctx.info.device), ym.to(ctx.info.device), **kw) * weight
             loss.backward()
         loss_sum += _full(loss.detach()).float()
     return loss_sum
 
 
 @torch.no_grad()
-def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int, n_loss_ranks: int) -> float:
+def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int, n_loss_ranks: int, multitask: bool = False) -> float:
     for m in ctx.parts:
         m.eval()
     total = torch.zeros(1, device=ctx.info.device)
@@ -265,9 +269,10 @@ def evaluate_loss(ctx: Ctx, loader: DataLoader, batches: int, n_loss_ranks: int)
         if ctx.schedule is not None:
             total += _pipeline_losses(ctx, x, y, train=False)
             continue
-        for xm, ym in _micro_batches(x, y, ctx.accum):
+        tasks = loader.tasks(i) if multitask else None
+        for xm, ym, kw in _micro_batches(x, y, ctx.accum, tasks):
             with ctx.autocast, ctx.loss_context():
-                total += _full(ctx.parts[0](xm.to(ctx.info.device), ym.to(ctx.info.device))).float() / ctx.accum
+                total += _full(ctx.parts[0](xm.to(ctx.info.device), ym.to(ctx.info.device), **kw)).float() / ctx.accum
     for m in ctx.parts:
         m.train()
     return _all_reduce_sum(total).item() / (batches * n_loss_ranks)
@@ -332,6 +337,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         cfg.validate()
     out = Path(t.out_dir)
     tuning = Tuning(cfg) if cfg.tune.method != "none" else None
+    multitask = cfg.tune.method == "multitask-prompt"
     if tuning is not None:
         train_windows, val_windows = tuning.train_rows, tuning.val_rows
         gcfg = model_config(cfg, None)
@@ -430,6 +436,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if found is not None else None) if info.is_main else None
 
     fpt = flops_per_token(gcfg, t.seq_len)
+    if tuning is not None and cfg.tune.method in ("lora", "prompt"):
+        fpt *= 2 / 3  # a frozen base's weight gradients (a third of the matmul FLOPs) are never computed
     # Processes on one CPU share its cores; GPUs each bring their own peak.
     n_peaks = info.world if info.device.type == "cuda" else max(1, info.world // info.local_world)
     # Under torchrun the other ranks share these cores during the probe: use it, do not keep it.
@@ -444,7 +452,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
             raise RunError(f"step {step}: the model holds NaN or inf values; not saving it "
                            f"(the checkpoints in {out / 'checkpoints'} are kept)")
         trainer_state = {"loader": loader.state_dict(), "schedule": schedule_state(t), "dtype": t.dtype, "attention": kernel,
-                         "world": info.world, "parallel": asdict(pcfg)}
+                         "world": info.world, "parallel": asdict(pcfg),
+                         **({"tasks": tuning.tasks} if tuning is not None and tuning.tasks else {})}
         own = None
         if syncer:
             own = (comm_kind, syncer.state_dict() | optimizer_state(optimizers[0], names))
@@ -458,7 +467,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
 
     def run_eval(step: int) -> float:
         with syncer.averaged() if syncer else contextlib.nullcontext():
-            v = evaluate_loss(ctx, val_loader, t.eval_batches, n_loss_ranks)
+            v = evaluate_loss(ctx, val_loader, t.eval_batches, n_loss_ranks, multitask)
         if log:
             log.write({"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
         return v
@@ -492,7 +501,7 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = lr
             x, y = loader.batch(step)
-            loss_sum = forward_backward(ctx, x, y, loader.target_count(step))
+            loss_sum = forward_backward(ctx, x, y, loader.target_count(step), loader.tasks(step) if multitask else None)
             gnorm = _clip(ctx, t.grad_clip)  # the global norm: every rank takes the same branch
             if syncer and replicas is not None:  # replicas clip alone; they skip or stop together
                 sq = torch.tensor([gnorm ** 2], device=info.device)
@@ -553,7 +562,8 @@ def _train(cfg: Config, info: DistInfo, held: list) -> dict:
         "steps": step, "start_step": start, "stopped_early": step < t.steps,
         "tokens": step * tokens_per_step, "train_loss": loss_val, "val_loss": val,
         "tokens_per_s": mean_tps, "mfu": mean_tps * fpt / peak, "seconds": elapsed,
-        "params": count_params(gcfg), "out_dir": str(out), "layout": layout, "memory_per_rank": memory,
+        "params": count_params(gcfg), "out_dir": str(out),
+        "trainable_params": sum(p.numel() for m in parts for p in m.parameters() if p.requires_grad), "layout": layout, "memory_per_rank": memory,
     }
 
 

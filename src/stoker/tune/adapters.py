@@ -30,6 +30,7 @@ from stoker.tune.lora import LoRALinear, lora_layers
 from stoker.tune.prompt import PromptTuning
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+TASKS = "stoker_tasks.json"  # a multitask prompt's task names, by id
 PREFIX = "base_model.model."
 _QKV = ("q_proj", "k_proj", "v_proj")
 # stoker's name inside a block -> Hugging Face's, per family (GPT-2's q/k/v: attn.c_attn, fused)
@@ -100,12 +101,17 @@ def save_adapter(model: GPT, out: str | Path, base: str = "", extra: dict | None
     """Write the model's adapter (LoRA or prompt tuning) to directory `out` in PEFT's format.
     A sharded model's ranks all call it (the tensors are gathered); only `write` ones write."""
     out = Path(out)
+    tasks = None
     if model.prompt is not None:
         p: PromptTuning = model.prompt
         tensors = {"prompt_embeddings": _whole(p.embedding)}
         cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p.n_tokens,
                "token_dim": model.cfg.n_embd, "num_transformer_submodules": 1, "num_attention_heads": model.cfg.n_head,
                "num_layers": model.cfg.n_layer, "prompt_tuning_init": "RANDOM", "inference_mode": True}
+        if p.n_tasks:
+            tensors |= {"prefix_task_cols": _whole(p.task_cols), "prefix_task_rows": _whole(p.task_rows)}
+            cfg |= {"peft_type": "MULTITASK_PROMPT_TUNING", "num_tasks": p.n_tasks, "num_ranks": p.task_cols.size(2)}
+            tasks = p.task_names
     else:
         tensors, cfg = lora_state(model)
     cfg = {**cfg, "base_model_name_or_path": base, "revision": None, **(extra or {})}
@@ -116,6 +122,8 @@ def save_adapter(model: GPT, out: str | Path, base: str = "", extra: dict | None
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.replace(out / WEIGHTS)
     (out / CONFIG).write_text(json.dumps(cfg, indent=1))
+    if tasks is not None:  # which task id is which: PEFT takes ids, records name tasks
+        (out / TASKS).write_text(json.dumps(tasks))
     return out
 
 
@@ -153,16 +161,32 @@ def apply_adapter(model: GPT, src: str | Path) -> str:
     cfg, tensors = read_adapter(src)
     kind, c = family(model.cfg), model.cfg
     ptype = cfg.get("peft_type")
-    if ptype == "PROMPT_TUNING":
+    if ptype in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"):
         emb = tensors.get("prompt_embeddings")
         if emb is None or emb.dim() != 2 or emb.size(1) != c.n_embd:
             raise ConfigError(f"{src}: prompt_embeddings of shape {None if emb is None else tuple(emb.shape)} do not "
                               f"fit this model (width {c.n_embd})")
+        cols, rows = tensors.get("prefix_task_cols"), tensors.get("prefix_task_rows")
+        n_tasks = 0
+        if ptype == "MULTITASK_PROMPT_TUNING":
+            if cols is None or rows is None or cols.dim() != 3 or rows.dim() != 3 or cols.shape[:2] != (
+                    rows.size(0), emb.size(0)) or rows.shape[1:] != (cols.size(2), c.n_embd):
+                raise ConfigError(f"{src}: prefix_task_cols and prefix_task_rows missing or of mismatched shapes")
+            n_tasks = cols.size(0)
         for p in model.parameters():
             p.requires_grad_(False)
-        model.prompt = PromptTuning(emb.size(0), c.n_embd, device=model.wte.weight.device)
+        prompt = PromptTuning(emb.size(0), c.n_embd, device=model.wte.weight.device, n_tasks=n_tasks,
+                              task_rank=cols.size(2) if n_tasks else 1)
         with torch.no_grad():
-            model.prompt.embedding.copy_(emb)
+            prompt.embedding.copy_(emb)
+            if n_tasks:
+                prompt.task_cols.copy_(cols)
+                prompt.task_rows.copy_(rows)
+        if n_tasks:
+            names = json.loads((Path(src) / TASKS).read_text()) if (Path(src) / TASKS).is_file() else None
+            ok = isinstance(names, list) and len(names) == n_tasks and all(isinstance(n, str) for n in names)
+            prompt.task_names = names if ok else [str(i) for i in range(n_tasks)]  # PEFT's own: task ids
+        model.prompt = prompt
         return ptype
     if ptype != "LORA":
         raise ConfigError(f"{src}: peft_type {ptype!r} is not supported; stoker loads LORA and PROMPT_TUNING")

@@ -21,9 +21,14 @@ def is_adapter_key(name: str) -> bool:
     return ".lora_" in name or name.startswith("prompt.")
 
 
-def add_adapter(model: nn.Module, cfg: Config, text_ids: list[int] | None = None) -> None:
+PROMPT_METHODS = ("prompt", "multitask-prompt")
+
+
+def add_adapter(model: nn.Module, cfg: Config, text_ids: list[int] | None = None, tasks: list[str] | None = None,
+                start: torch.Tensor | None = None) -> None:
     """The adapter cfg.tune describes, new, on `model`, the rest frozen (nothing for full
-    fine-tuning); a tuning run's checkpoint then loads into it."""
+    fine-tuning); a tuning run's checkpoint then loads into it. tasks: a multitask prompt's
+    task names (the run's checkpoint keeps them)."""
     t = cfg.tune
     if t.method == "lora":
         from stoker.tune.lora import apply_lora
@@ -32,11 +37,15 @@ def add_adapter(model: nn.Module, cfg: Config, text_ids: list[int] | None = None
             apply_lora(model, t.lora_targets, t.lora_rank, t.lora_alpha, t.lora_dropout, t.rslora, seed=cfg.train.seed)
         except ValueError as e:
             raise ConfigError(f"tune.lora_targets: {e}") from None
-    elif t.method == "prompt":
+    elif t.method in PROMPT_METHODS:
         from stoker.tune.prompt import apply_prompt
 
-        apply_prompt(model, t.virtual_tokens, text_ids, seed=cfg.train.seed)
-    if t.method in ("lora", "prompt") and t.base_dtype == "bf16":
+        try:
+            apply_prompt(model, t.virtual_tokens, text_ids, seed=cfg.train.seed, start=start, task_rank=t.task_rank,
+                         tasks=(tasks or [""]) if t.method == "multitask-prompt" else None)
+        except ValueError as e:
+            raise ConfigError(f"tune.prompt_from: {e}") from None
+    if t.method != "full" and t.base_dtype == "bf16":
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
@@ -55,7 +64,7 @@ class Tuning:
             self.tok = Tokenizer.load(base)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"model.init_from: {base}: no usable tokenizer ({e})") from None
-        self.virtual = t.virtual_tokens if t.method == "prompt" else 0
+        self.virtual = t.virtual_tokens if t.method in PROMPT_METHODS else 0
         rows = cfg.train.seq_len + 1
         try:
             examples, tasks = read_records(t.data, self.tok, rows)
@@ -69,7 +78,15 @@ class Tuning:
         except RecordError as e:
             raise ConfigError(f"tune.data: {e}") from None
         self.examples = (len(train), len(val))
+        self.tasks = tasks if t.method == "multitask-prompt" else None
         self.text_ids = self.tok.encode(t.prompt_init) if t.prompt_init else None
+        self.start = None
+        if t.prompt_from:
+            from stoker.tune.adapters import read_adapter
+
+            self.start = read_adapter(t.prompt_from)[1].get("prompt_embeddings")
+            if self.start is None:
+                raise ConfigError(f"tune.prompt_from: {t.prompt_from} holds no prompt_embeddings (not a prompt adapter)")
 
     def check(self, block_size: int) -> None:
         if self.virtual + self.cfg.train.seq_len > block_size:
@@ -78,12 +95,12 @@ class Tuning:
 
     def apply(self, model: nn.Module) -> None:
         """Add this run's adapter to a freshly built model (on any device, meta included)."""
-        add_adapter(model, self.cfg, self.text_ids)
+        add_adapter(model, self.cfg, self.text_ids, self.tasks, self.start)
 
     def save(self, model: nn.Module, out: Path, is_main: bool) -> None:
         """The adapter of `model` (unwrapped) to out/adapter; collective under FSDP (every rank
         calls it), rank 0 writes."""
-        if self.cfg.tune.method not in ("lora", "prompt"):
+        if self.cfg.tune.method == "full":
             return
         from stoker.tune.adapters import save_adapter
 
