@@ -1,5 +1,6 @@
 """`stoker tune` end to end on a small trained model."""
 
+import pytest
 import torch
 
 from conftest import assert_curves_close, losses
@@ -101,3 +102,19 @@ def test_lora_under_ddp_and_fsdp_follows_one_process(tune_base, tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert_curves_close(losses(tmp_path / name), one, range(1, 7))
+
+
+def test_a_lora_run_serves_merged_and_a_prompt_run_is_refused(tune_base, tmp_path):
+    from stoker.config import ConfigError
+    from stoker.serve.models import load_for_serving, parse_models
+
+    records = write_records(tmp_path / "r.jsonl", 32)
+    assert tune(tune_base, records, tmp_path / "l", "lora", "--train.steps=4", "--train.lr=1e-2") == 0
+    served = load_for_serving(tmp_path / "l")
+    run, tok, _ = load_trained(tmp_path / "l")
+    idx = torch.tensor([tok.encode("return x\n=")])
+    with torch.no_grad():  # W + s B A folded, and oneDNN's kernels: rounding, ~1e-6 of the scale
+        assert (served(idx) - run(idx)).abs().max() <= 1e-5 * run(idx).abs().max()
+    assert tune(tune_base, records, tmp_path / "p", "prompt", "--train.steps=1", "--tune.virtual_tokens=2") == 0
+    with pytest.raises(ConfigError, match="prompt-tuning run"):
+        parse_models([str(tmp_path / "p")])

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from stoker.config import ConfigError
+from stoker.config import ConfigError, load_config
 from stoker.data.tokenizer import Tokenizer
 from stoker.generate import load_trained
 from stoker.models.gpt import GPT, pack_linears
 from stoker.serve.engine import Engine, Event, Handle, SamplingParams
 from stoker.serve.metrics import ServeMetrics
+from stoker.tune.lora import merge_lora
 from stoker.train.checkpoint import latest_checkpoint
 
 
@@ -59,6 +60,9 @@ def parse_models(specs: Sequence[str]) -> dict[str, Path]:
             raise ConfigError(f"{str(run_dir)!r} is not a training run directory (no model.json)")
         if latest_checkpoint(run_dir) is None:
             raise ConfigError(f"{str(run_dir)!r} holds no complete checkpoint yet")
+        if (run_dir / "config.toml").is_file() and "prompt" in load_config(run_dir / "config.toml").tune.method:
+            raise ConfigError(f"{str(run_dir)!r} is a prompt-tuning run; serving prompt adapters is not supported "
+                              "yet (LoRA and full fine-tuning runs serve as they are)")
         out[name] = run_dir
     if not out:
         raise ConfigError("give at least one run directory to serve")
@@ -69,6 +73,7 @@ def load_for_serving(run_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     """A run's model as the server runs it: in `dtype`, its linear layers packed for inference
     (stoker.models.gpt.pack_linears), so no longer trainable."""
     model, _, _ = load_trained(run_dir)
+    merge_lora(model)  # a LoRA run serves with its updates folded into the weights
     model = model.to(dtype)
     pack_linears(model)
     return model
