@@ -33,9 +33,9 @@ def _poison_grads(monkeypatch, calls: set[int], what: str = "grads"):
     """Make the gradients (or a weight) NaN on the given forward-backward calls (1-based)."""
     real, n = trainer.forward_backward, [0]
 
-    def fb(ctx, x, y):
+    def fb(ctx, x, y, *rest):
         n[0] += 1
-        loss = real(ctx, x, y)
+        loss = real(ctx, x, y, *rest)
         if n[0] in calls:
             p = next(ctx.parts[0].parameters())
             (p.grad if what == "grads" else p.data).fill_(float("nan"))
