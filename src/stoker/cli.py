@@ -272,7 +272,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
               max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb,
               max_body_mb=args.max_body_mb, batch_invariant=args.batch_invariant, prefill_chunk=args.prefill_chunk,
-              prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype)
+              prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, adapters=args.adapter,
+              max_adapters=args.max_adapters)
     except (ConfigError, FileNotFoundError) as e:
         return _fail(str(e))
     except OSError as e:
@@ -475,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--batch-invariant", action="store_true",
                     help="a request's greedy text is the same alone or in any batch: every decode step runs "
                          "--max-batch rows, each prompt is prefilled alone, no prefix cache (slower)")
+    ps.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="serve an adapter (a PEFT adapter directory or a `stoker tune` run) on the model as NAME: "
+                         "a request's \"model\": NAME picks it, requests for different adapters share the batch. "
+                         "Repeat for more; those in a run's adapters/ directory are served too. A multitask "
+                         "prompt serves each task as NAME:TASK")
+    ps.add_argument("--max-adapters", type=int, default=8,
+                    help="adapters loaded at once per model; beyond it the least recently used one not in use "
+                         "gives way (default 8)")
     ps.add_argument("--dtype", default="auto", choices=("fp32", "bf16", "auto"),
                     help="weights and cache: auto (default: bf16 on a GPU, or where this CPU's bf16 matmuls "
                          "measure faster than fp32, else fp32), fp32, or bf16 (half the memory traffic)")

@@ -285,7 +285,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             return self.proj(F.silu(self.gate(x)) * self.fc(x))
-        if isinstance(self.fc, PackedLinear):  # serving: GELU fused into the matmul's kernel
+        if getattr(self.fc, "takes_gelu", False):  # serving: GELU fused into the matmul's kernel
             return self.proj(self.fc(x, gelu=True))
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
@@ -416,6 +416,21 @@ class GPT(nn.Module):
         if last_only:  # each sequence's last token: the row's, or with packed rows each segment's
             x = x[:, getattr(cache, "last_index", [-1])]
         return self.lm_head(self.ln_f(x))
+
+    @torch.no_grad()
+    def virtual_cache(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Keys and values of prompt tuning's virtual tokens, prompt (N, C), at positions
+        0..N-1, as forward puts them before the text: a cache buffer (n_layer, 2, KVH, N, D)
+        that a sequence's own buffer starts with."""
+        n = prompt.size(0)
+        buf = self.new_cache_buffer(n)
+        cache = KVCache([buf], [0])
+        x = prompt[None].to(device=buf.device, dtype=self.wte.weight.dtype)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(n, device=buf.device))
+        for block in self.blocks.values():
+            x = block(x, cache=cache)
+        return buf
 
     def new_cache_buffer(self, capacity: int) -> torch.Tensor:
         """An empty key/value buffer for one sequence of up to `capacity` tokens."""

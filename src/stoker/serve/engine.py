@@ -38,6 +38,7 @@ import torch
 
 from stoker.data.tokenizer import Tokenizer
 from stoker.models.gpt import GPT, KVCache, PackedKVCache, SlotKVCache
+from stoker.serve.adapters import Adapters
 
 
 ROW_ROUND = 16  # tokens: the batch buffer's rows grow in steps of this many
@@ -111,6 +112,10 @@ class _Seq:
     gen: torch.Generator | None = None
     filled: int = 0  # prompt tokens in its cache so far (chunked prefill)
     row: int | None = None  # its row of the batch buffer (throughput mode), once prefilled
+    adapter: str | None = None
+    slot: int = 0  # its adapter's slot once admitted (stoker.serve.adapters)
+    virtual: int = 0  # a prompt adapter's virtual tokens: the first ids of `prompt`, negative
+    error: str | None = None  # what failed before it could start
 
     @property
     def length(self) -> int:
@@ -139,6 +144,7 @@ class EngineMetrics:
     def finished(self, seconds: float, reason: str) -> None: ...
     def memory(self, kind: str, nbytes: int) -> None: ...
     def prefix_hit(self, tokens: int, of: int) -> None: ...
+    def adapter_load(self, name: str) -> None: ...
 
 
 class PrefixCache:
@@ -196,6 +202,7 @@ class Engine:
         self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_queue: int = 64,
         kv_budget_bytes: int = 1 << 30, metrics: EngineMetrics | None = None, batch_invariant: bool = False,
         prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
+        adapters: Adapters | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
@@ -212,6 +219,7 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.batch_invariant = batch_invariant
         self.prefill_chunk = prefill_chunk
+        self.adapters = adapters
         p = model.wte.weight
         self.device, self.dtype = p.device, p.dtype
         self.kv_bytes_per_token = self.cfg.n_layer * 2 * self.cfg.kv_heads * self.cfg.head_dim * p.element_size()
@@ -238,26 +246,38 @@ class Engine:
     def running(self) -> int:
         return len(self._active)
 
-    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        """ValueError when a prompt cannot be served: too long for the context or the KV budget."""
-        ctx = self.cfg.block_size
+    def check_prompt(self, prompt_ids: Sequence[int], adapter: str | None = None) -> None:
+        """ValueError when a prompt cannot be served: too long for the context (less a prompt
+        adapter's virtual tokens) or the KV budget, or an adapter this engine does not have."""
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.specs):
+            raise ValueError(f"adapter {adapter!r} is not registered with this model")
+        virtual = self.adapters.virtual(adapter) if adapter else 0
+        ctx = self.cfg.block_size - virtual
         if not prompt_ids:
             raise ValueError("prompt: must hold at least one token")
         if len(prompt_ids) >= ctx:
-            raise ValueError(f"prompt is {len(prompt_ids)} tokens; the model's context is {ctx} tokens, "
-                             f"so a prompt may hold at most {ctx - 1}")
-        if len(prompt_ids) * self.kv_bytes_per_token > self.kv_budget_bytes:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens; the model's context is {ctx} tokens"
+                             + f" (after the adapter's {virtual} virtual tokens)" * bool(virtual)
+                             + f", so a prompt may hold at most {ctx - 1}")
+        if (len(prompt_ids) + virtual) * self.kv_bytes_per_token > self.kv_budget_bytes:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens needs more KV cache than the whole budget "
                              f"({self.kv_budget_bytes / 2**20:.0f} MiB)")
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Handle:
-        """Queue a request; raises ValueError (bad prompt), QueueFull or EngineClosed."""
-        self.check_prompt(prompt_ids)
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None],
+               adapter: str | None = None) -> Handle:
+        """Queue a request, with one of the engine's adapters or none; raises ValueError (bad
+        prompt or adapter), QueueFull or EngineClosed."""
+        self.check_prompt(prompt_ids, adapter)
+        virtual = self.adapters.virtual(adapter) if adapter else 0
+        # A prompt adapter's virtual tokens lead the prompt as negative ids, its own, so that
+        # prefix-cache keys tell adapters apart; they are never fed to the model.
+        uid = self.adapters.specs[adapter].uid if virtual else 0
+        prompt = [-(uid << 20) - i - 1 for i in range(virtual)] + list(prompt_ids)
         ctx = self.cfg.block_size
-        cap = min(len(prompt_ids) + params.max_tokens - 1, ctx - 1)
+        cap = min(len(prompt) + params.max_tokens - 1, ctx - 1)
         # A request that could never fit is cut to what the budget holds rather than refused.
-        cap = max(len(prompt_ids), min(cap, self.kv_budget_bytes // self.kv_bytes_per_token))
-        seq = _Seq(list(prompt_ids), params, on_event, cap)
+        cap = max(len(prompt), min(cap, self.kv_budget_bytes // self.kv_bytes_per_token))
+        seq = _Seq(prompt, params, on_event, cap, adapter=adapter, virtual=virtual)
         with self._cv:
             if self._closing:
                 raise EngineClosed("the model is being unloaded")
@@ -268,7 +288,7 @@ class Engine:
             self._cv.notify()
         return Handle(seq)
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> Completion:
         """Blocking convenience: submit and wait for the whole completion."""
         events: list[Event] = []
         finished = threading.Event()
@@ -278,7 +298,7 @@ class Engine:
             if ev.finish_reason:
                 finished.set()
 
-        self.submit(prompt_ids, params, on_event)
+        self.submit(prompt_ids, params, on_event, adapter)
         finished.wait()
         last = events[-1]
         if last.error:
@@ -342,6 +362,17 @@ class Engine:
             need = self._need(self._active + admitted + [seq])
             if need > self.kv_budget_bytes and (self._active or admitted):
                 break  # first come first served: it waits for running sequences to free memory
+            if seq.adapter is not None:
+                loads = self.adapters.loads
+                try:
+                    seq.slot = self.adapters.acquire(seq.adapter, {s.slot for s in self._active + admitted})
+                except (OSError, ValueError) as e:  # its files changed since: this request fails
+                    seq.error = f"adapter {seq.adapter!r} did not load: {e}"
+                if seq.slot is None:
+                    seq.slot = 0
+                    break  # every adapter slot is held by running requests: it waits
+                if self.adapters.loads > loads:
+                    self.metrics.adapter_load(seq.adapter)
             self._waiting.popleft()
             self._kv_used = need
             admitted.append(seq)
@@ -376,23 +407,34 @@ class Engine:
                 self._finish(seq, "", "error", error=f"{type(e).__name__}: {e}")
 
     def _start(self, seq: _Seq) -> None:
+        if seq.error:
+            raise RuntimeError(seq.error)
         seq.kv = self.model.new_cache_buffer(seq.cap)
+        if seq.virtual:
+            seq.kv[:, :, :, :seq.virtual] = self.adapters.virtual_kv[seq.adapter]
+            seq.filled = seq.virtual
         self._report_memory()
         if seq.params.seed is not None:
             # Any integer is a seed: taken modulo 2**64, which leaves the generator's own range
             # [-2**63, 2**64) as it was (a negative seed is its two's complement there too).
             seq.gen = torch.Generator(device=self.device).manual_seed(seq.params.seed % 2**64)
         if self.batch_invariant:  # the whole prompt, alone
-            logits = self.model.forward_cached(torch.tensor([seq.prompt], device=self.device),
-                                               KVCache([seq.kv], [0]), last_only=True)
+            self._select([seq.slot] * (len(seq.prompt) - seq.filled))
+            logits = self.model.forward_cached(torch.tensor([seq.prompt[seq.filled:]], device=self.device),
+                                               KVCache([seq.kv], [seq.filled]), last_only=True)
             seq.filled = len(seq.prompt)
             self._advance(seq, logits[0, -1])
         elif self.prefixes is not None:
             blocks = self.prefixes.lookup(seq.prompt)
-            if blocks:
+            if blocks and sum(b.size(3) for b in blocks) > seq.filled:
                 seq.filled = sum(b.size(3) for b in blocks)
                 seq.kv[:, :, :, :seq.filled] = torch.cat(blocks, dim=3)
-            self.metrics.prefix_hit(seq.filled, len(seq.prompt))
+            self.metrics.prefix_hit(seq.filled - seq.virtual, len(seq.prompt) - seq.virtual)
+
+    def _select(self, slots: list[int]) -> None:
+        """Each token's adapter slot for the next forward call (see stoker.serve.adapters)."""
+        if self.adapters is not None:
+            self.adapters.select(slots)
 
     def _prefill_some(self) -> None:
         """Up to prefill_chunk prompt tokens, of the admitted sequences in order, in one forward
@@ -410,6 +452,7 @@ class Engine:
             return
         ids = torch.tensor([[t for seq, n in work for t in seq.prompt[seq.filled:seq.filled + n]]], device=self.device)
         cache = PackedKVCache([seq.kv for seq, _ in work], [seq.filled for seq, _ in work], [n for _, n in work])
+        self._select([seq.slot for seq, n in work for _ in range(n)])
         try:
             logits = self.model.forward_cached(ids, cache, last_only=True)[0]
         except Exception:  # each alone, so that a fault stays with its own request
@@ -421,6 +464,7 @@ class Engine:
 
     def _prefill_alone(self, seq: _Seq, n: int) -> None:
         idx = torch.tensor([seq.prompt[seq.filled:seq.filled + n]], device=self.device)
+        self._select([seq.slot] * n)
         self._prefilled(seq, n, self.model.forward_cached(idx, KVCache([seq.kv], [seq.filled]), last_only=True)[0, -1])
 
     def _prefilled(self, seq: _Seq, n: int, logits: torch.Tensor) -> None:
@@ -492,12 +536,14 @@ class Engine:
         kv = sum(s.kv.nbytes for s in self._active if s.kv is not None)
         self.metrics.memory("kv_cache", kv + (self._slots.nbytes if self._slots is not None else 0))
         self.metrics.memory("prefix_cache", self.prefixes.used if self.prefixes is not None else 0)
+        self.metrics.memory("adapters", self.adapters.nbytes if self.adapters is not None else 0)
 
     def _decode_rows(self) -> torch.Tensor:
         """One token for every decoding row, in one call per layer; logits (rows, V)."""
         rows = self._rows
         last = torch.tensor([[s.out[-1]] for s in rows], device=self.device)
         cache = SlotKVCache(self._slots[:, :, :len(rows)], [s.length - 1 for s in rows])
+        self._select([s.slot for s in rows])
         return self.model.forward_cached(last, cache)[:, 0]
 
     def _decode_padded(self, seqs: list[_Seq]) -> torch.Tensor:
@@ -508,6 +554,7 @@ class Engine:
         last = torch.zeros(R, 1, dtype=torch.long, device=self.device)  # idle rows: token 0 at position 0
         last[:n, 0] = torch.tensor([s.out[-1] for s in seqs])
         cache = KVCache([s.kv for s in seqs] + [None] * (R - n), [s.length - 1 for s in seqs] + [0] * (R - n))
+        self._select([s.slot for s in seqs] + [0] * (R - n))
         return self.model.forward_cached(last, cache)[:n, 0]  # (n, V)
 
     def _pick(self, seq: _Seq, logits: torch.Tensor) -> int:
@@ -565,7 +612,7 @@ class Engine:
 
     def _finish(self, seq: _Seq, text: str, reason: str, ids: list[int] | None = None, error: str | None = None) -> None:
         seq.done = True
-        self._emit(seq, Event(text, ids or [], reason, len(seq.prompt), seq.sampled, error))
+        self._emit(seq, Event(text, ids or [], reason, len(seq.prompt) - seq.virtual, seq.sampled, error))
         self.metrics.finished(time.perf_counter() - seq.t_submit, reason)
 
     def _emit(self, seq: _Seq, ev: Event) -> None:

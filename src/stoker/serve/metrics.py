@@ -35,7 +35,10 @@ class ServeMetrics:
         self.loaded = Gauge("stoker_model_loaded", "1 while the model is resident", ["model"], registry=r)
         self.loads = Counter("stoker_model_loads", "times the model was loaded", ["model"], registry=r)
         self.memory = Gauge("stoker_model_memory_bytes", "memory a loaded model holds: weights, kv_cache (the "
-                            "running sequences' keys and values), prefix_cache", ["model", "kind"], registry=r)
+                            "running sequences' keys and values), prefix_cache, adapters (the loaded ones' tensors)", ["model", "kind"],
+                            registry=r)
+        self.adapter_loads = Counter("stoker_adapter_loads", "times an adapter was loaded into one of its model's "
+                                     "slots", ["model", "adapter"], registry=r)
         self.prefix_tokens = Counter("stoker_prefix_cache_hit_tokens", "prompt tokens whose keys and values came "
                                      "from the prefix cache", ["model"], registry=r)
         self.prompt_tokens = Counter("stoker_prompt_tokens", "prompt tokens admitted", ["model"], registry=r)
@@ -82,6 +85,9 @@ class ModelMetrics(EngineMetrics):
 
     def memory(self, kind: str, nbytes: int) -> None:
         self.m.memory.labels(self.name, kind).set(nbytes)
+
+    def adapter_load(self, name: str) -> None:
+        self.m.adapter_loads.labels(self.name, name).inc()
 
     def prefix_hit(self, tokens: int, of: int) -> None:
         self.m.prefix_tokens.labels(self.name).inc(tokens)

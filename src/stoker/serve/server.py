@@ -308,7 +308,7 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_body_bytes: int 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": pool.names,
-                "loaded": [m.name for m in pool.models.values() if m.engine is not None]}
+                "loaded": [m.name for m in pool.models.values() if m.engine is not None]}  # base models
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -316,9 +316,11 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_body_bytes: int 
 
     @app.get("/v1/models")
     async def models() -> dict:
+        # An adapter names its base model as parent, and its directory as root (as vLLM does).
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "stoker",
-             "context_length": m.context, "loaded": m.engine is not None} for m in pool.models.values()]}
+             "context_length": m.context, "loaded": pool.loaded(m), "parent": m.parent,
+             "root": str(m.adapter.path) if m.adapter else m.name} for m in pool.models.values()]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> dict | StreamingResponse:
@@ -546,10 +548,12 @@ def serve_dtype(dtype: str) -> str:
 def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_loaded: int = 1, max_queue: int = 64, kv_budget_mb: int = 1024,
           max_body_mb: float = MAX_BODY_BYTES / 2**20, log_level: str = "info", batch_invariant: bool = False,
-          prefill_chunk: int = 256, prefix_cache_mb: int = 256, dtype: str = "auto") -> None:
-    """Serve `RUN_DIR` or `NAME=RUN_DIR` entries until interrupted (what `stoker serve` runs)."""
+          prefill_chunk: int = 256, prefix_cache_mb: int = 256, dtype: str = "auto",
+          adapters: Sequence[str] = (), max_adapters: int = 8) -> None:
+    """Serve `RUN_DIR` or `NAME=RUN_DIR` entries, and `NAME=DIR` adapters on them, until
+    interrupted (what `stoker serve` runs)."""
     from stoker.config import ConfigError
-    from stoker.serve.models import parse_models
+    from stoker.serve.models import parse_adapters, parse_models
 
     for flag, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                                ("--kv-budget-mb", kv_budget_mb, 1), ("--prefill-chunk", prefill_chunk, 1),
@@ -560,12 +564,17 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
         raise ConfigError(f"--max-body-mb: must be > 0, got {max_body_mb}")
     if api_key is not None and not api_key:
         raise ConfigError("--api-key (or $STOKER_API_KEY) is empty; give a key, or unset it to serve without one")
-    pool = ModelPool(parse_models(run_dirs), max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
+    runs = parse_models(run_dirs)
+    pool = ModelPool(runs, adapters=parse_adapters(adapters, runs), max_adapters=max_adapters,
+                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                      kv_budget_bytes=kv_budget_mb << 20, batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
                      prefix_cache_bytes=prefix_cache_mb << 20, dtype=(dtype := serve_dtype(dtype)))
     app = create_app(pool, api_key, max_body_bytes=max(1, int(max_body_mb * 2**20)))
     sock = bind(host, port)
-    print(f"stoker serve: models {', '.join(pool.names)} ({dtype}) on {url_of(sock)}", flush=True)
+    names = [m.name for m in pool.models.values() if m.parent is None]
+    extra = [f"{m.name} on {m.parent}" for m in pool.models.values() if m.parent]
+    print(f"stoker serve: models {', '.join(names)} ({dtype})" + f", adapters {', '.join(extra)}" * bool(extra)
+          + f" on {url_of(sock)}", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:

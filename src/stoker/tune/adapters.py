@@ -155,41 +155,45 @@ def _pattern(patterns: dict, name: str, default):
     return default
 
 
-def apply_adapter(model: GPT, src: str | Path) -> str:
-    """Load a PEFT adapter into a stoker GPT, in place: LoRA layers or prompt tuning, the base
-    frozen. Returns its peft_type. ConfigError for an adapter that does not fit the model."""
-    cfg, tensors = read_adapter(src)
-    kind, c = family(model.cfg), model.cfg
-    ptype = cfg.get("peft_type")
-    if ptype in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"):
-        emb = tensors.get("prompt_embeddings")
-        if emb is None or emb.dim() != 2 or emb.size(1) != c.n_embd:
-            raise ConfigError(f"{src}: prompt_embeddings of shape {None if emb is None else tuple(emb.shape)} do not "
-                              f"fit this model (width {c.n_embd})")
-        cols, rows = tensors.get("prefix_task_cols"), tensors.get("prefix_task_rows")
-        n_tasks = 0
-        if ptype == "MULTITASK_PROMPT_TUNING":
-            if cols is None or rows is None or cols.dim() != 3 or rows.dim() != 3 or cols.shape[:2] != (
-                    rows.size(0), emb.size(0)) or rows.shape[1:] != (cols.size(2), c.n_embd):
-                raise ConfigError(f"{src}: prefix_task_cols and prefix_task_rows missing or of mismatched shapes")
-            n_tasks = cols.size(0)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        prompt = PromptTuning(emb.size(0), c.n_embd, device=model.wte.weight.device, n_tasks=n_tasks,
-                              task_rank=cols.size(2) if n_tasks else 1)
-        with torch.no_grad():
-            prompt.embedding.copy_(emb)
-            if n_tasks:
-                prompt.task_cols.copy_(cols)
-                prompt.task_rows.copy_(rows)
+def read_prompt(model: GPT, src: str | Path, cfg: dict | None = None,
+                tensors: dict[str, torch.Tensor] | None = None) -> PromptTuning:
+    """A prompt-tuning adapter (multitask too) as a PromptTuning of fp32 tensors on the CPU,
+    checked against the model's width; ConfigError for one that does not fit."""
+    if cfg is None or tensors is None:
+        cfg, tensors = read_adapter(src)
+    c = model.cfg
+    emb = tensors.get("prompt_embeddings")
+    if emb is None or emb.dim() != 2 or emb.size(1) != c.n_embd:
+        raise ConfigError(f"{src}: prompt_embeddings of shape {None if emb is None else tuple(emb.shape)} do not "
+                          f"fit this model (width {c.n_embd})")
+    cols, rows = tensors.get("prefix_task_cols"), tensors.get("prefix_task_rows")
+    n_tasks = 0
+    if cfg.get("peft_type") == "MULTITASK_PROMPT_TUNING":
+        if cols is None or rows is None or cols.dim() != 3 or rows.dim() != 3 or cols.shape[:2] != (
+                rows.size(0), emb.size(0)) or rows.shape[1:] != (cols.size(2), c.n_embd):
+            raise ConfigError(f"{src}: prefix_task_cols and prefix_task_rows missing or of mismatched shapes")
+        n_tasks = cols.size(0)
+    prompt = PromptTuning(emb.size(0), c.n_embd, n_tasks=n_tasks, task_rank=cols.size(2) if n_tasks else 1)
+    with torch.no_grad():
+        prompt.embedding.copy_(emb)
         if n_tasks:
-            names = json.loads((Path(src) / TASKS).read_text()) if (Path(src) / TASKS).is_file() else None
-            ok = isinstance(names, list) and len(names) == n_tasks and all(isinstance(n, str) for n in names)
-            prompt.task_names = names if ok else [str(i) for i in range(n_tasks)]  # PEFT's own: task ids
-        model.prompt = prompt
-        return ptype
-    if ptype != "LORA":
-        raise ConfigError(f"{src}: peft_type {ptype!r} is not supported; stoker loads LORA and PROMPT_TUNING")
+            prompt.task_cols.copy_(cols)
+            prompt.task_rows.copy_(rows)
+    if n_tasks:
+        names = json.loads((Path(src) / TASKS).read_text()) if (Path(src) / TASKS).is_file() else None
+        ok = isinstance(names, list) and len(names) == n_tasks and all(isinstance(n, str) for n in names)
+        prompt.task_names = names if ok else [str(i) for i in range(n_tasks)]  # PEFT's own: task ids
+    return prompt
+
+
+def read_lora(model: GPT, src: str | Path, cfg: dict | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A LoRA adapter as stoker's layers see it: {layer path ("blocks.3.attn.q_proj"): (A (r, in),
+    B (out, r), alpha)}, fp32, checked against the model's layer shapes (a model on the meta
+    device will do); ConfigError for what does not fit or is not supported."""
+    if cfg is None or tensors is None:
+        cfg, tensors = read_adapter(src)
+    kind, c = family(model.cfg), model.cfg
     for key, ok in (("bias", "none"), ("use_dora", False), ("modules_to_save", None)):
         if cfg.get(key, ok) not in (ok, [], None if ok is None else ok):
             raise ConfigError(f"{src}: {key} = {cfg[key]!r} is not supported (stoker's LoRA: bias none, no DoRA, "
@@ -200,8 +204,8 @@ def apply_adapter(model: GPT, src: str | Path) -> str:
         if m is None:
             raise ConfigError(f"{src}: tensor {name!r} is not a LoRA A or B weight stoker can load")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t.float()
-    rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0))
     hf_to_st = {hf: st for st, hf in (_LLAMA if kind == "llama" else _GPT2).items()}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"{src}: {path} has lora_{'A' if 'A' in ab else 'B'} without its other half")
@@ -222,19 +226,44 @@ def apply_adapter(model: GPT, src: str | Path) -> str:
             raise ConfigError(f"{src}: {path}: LoRA on {hf!r} is not supported (stoker wraps "
                               f"{', '.join(sorted(hf_to_st) + (['attn.c_attn'] if kind == 'gpt2' else []))})")
         for st, b in parts:
-            parent = model.get_submodule(f"blocks.{i}.{st.rsplit('.', 1)[0]}")
-            leaf = st.rsplit(".", 1)[1]
-            base = getattr(parent, leaf)
-            if type(base) is not nn.Linear:
-                raise ConfigError(f"{src}: {path}: the layer has an adapter already; load one adapter per model")
-            if A.size(1) != base.in_features or b.size(0) != base.out_features or b.size(1) != r:
+            layer = model.get_submodule(f"blocks.{i}.{st}")
+            if A.size(1) != layer.in_features or b.size(0) != layer.out_features or b.size(1) != r:
                 raise ConfigError(f"{src}: {path}: A {tuple(A.shape)} and B {tuple(b.shape)} do not fit "
-                                  f"a {base.out_features} x {base.in_features} layer")
-            lora = LoRALinear.wrap(base, r, alpha, dropout, rslora)
-            with torch.no_grad():
-                lora.lora_A.copy_(A)
-                lora.lora_B.copy_(b)
-            setattr(parent, leaf, lora)
+                                  f"a {layer.out_features} x {layer.in_features} layer")
+            out[f"blocks.{i}.{st}"] = (A, b, alpha)
+    return out
+
+
+def lora_scaling(cfg: dict, rank: int, alpha: float) -> float:
+    """PEFT's scaling of a rank-r update: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if cfg.get("use_rslora", False) else rank)
+
+
+def apply_adapter(model: GPT, src: str | Path) -> str:
+    """Load a PEFT adapter into a stoker GPT, in place: LoRA layers or prompt tuning, the base
+    frozen. Returns its peft_type. ConfigError for an adapter that does not fit the model."""
+    cfg, tensors = read_adapter(src)
+    ptype = cfg.get("peft_type")
+    if ptype in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"):
+        prompt = read_prompt(model, src, cfg, tensors).to(model.wte.weight.device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.prompt = prompt
+        return ptype
+    if ptype != "LORA":
+        raise ConfigError(f"{src}: peft_type {ptype!r} is not supported; stoker loads LORA and PROMPT_TUNING")
+    rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0))
+    for path, (A, B, alpha) in read_lora(model, src, cfg, tensors).items():
+        parent_path, leaf = path.rsplit(".", 1)
+        parent = model.get_submodule(parent_path)
+        base = getattr(parent, leaf)
+        if type(base) is not nn.Linear:
+            raise ConfigError(f"{src}: {path}: the layer has an adapter already; load one adapter per model")
+        lora = LoRALinear.wrap(base, A.size(0), alpha, dropout, rslora)
+        with torch.no_grad():
+            lora.lora_A.copy_(A)
+            lora.lora_B.copy_(B)
+        setattr(parent, leaf, lora)
     trained = {id(q) for m in lora_layers(model).values() for q in (m.lora_A, m.lora_B)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trained)
