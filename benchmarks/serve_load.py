@@ -78,9 +78,9 @@ def start_server(run: Path, max_batch: int, threads: int, dtype: str, *extra: st
     return proc, m.group(1)
 
 
-def one_request(url: str, prompt: str, max_tokens: int, out: list, i: int) -> None:
+def one_request(url: str, prompt: str, max_tokens: int, out: list, i: int, model: str | None = None) -> None:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
@@ -103,9 +103,11 @@ def _p99(n: int) -> int:
     return min(n - 1, math.ceil(0.99 * n) - 1)
 
 
-def load(url: str, prompts: list[str], max_tokens: int) -> dict:
+def load(url: str, prompts: list[str], max_tokens: int, models: list[str] | None = None) -> dict:
+    """Every prompt at once, streaming (request i asks for models[i], or the first model)."""
     results: list = [None] * len(prompts)
-    threads = [threading.Thread(target=one_request, args=(url, p, max_tokens, results, i)) for i, p in enumerate(prompts)]
+    threads = [threading.Thread(target=one_request, args=(url, p, max_tokens, results, i, models and models[i]))
+               for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()

@@ -7,7 +7,9 @@ generated first-word task (stoker.tune.examples: 2000 training records, 200 held
 `stoker tune` with each method of --methods from the same base, each in its own process (its
 peak resident memory is its own), and `stoker eval` of the base and of each result on the held-out records:
 completion loss and exact match of greedy completions. Prints a table and writes JSON
-(default runs/bench/tune.json).
+(default runs/bench/tune.json). Then, with --serve-adapters N (default 8), one server with N LoRA
+adapters of the base against the base alone at 32 concurrent requests
+(benchmarks/serve_adapters.py).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", default="lora=3e-3,prompt=3e-2,full=3e-4", help="learning rate per method")
+    ap.add_argument("--lora-rank", type=int, default=8, help="tune.lora_rank of the LoRA run")
+    ap.add_argument("--lora-targets", default=None, help="tune.lora_targets of the LoRA run (default: every projection)")
+    ap.add_argument("--serve-adapters", type=int, default=8, help="then serve this many LoRA adapters of the base "
+                    "at once against the base alone (benchmarks/serve_adapters.py; 0: skip)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/tune.json"))
@@ -92,7 +98,8 @@ def main() -> None:
                      f"--train.out_dir={out}", f"--train.steps={args.steps}", f"--train.batch_size={args.batch_size}",
                      f"--train.seq_len={args.seq_len}", f"--train.lr={lrs[method]}", f"--train.dtype={args.dtype}",
                      "--train.warmup_steps=20", "--train.eval_every=0", "--train.progress=false",
-                     "--train.ckpt_every=0", "--tune.virtual_tokens=16"]
+                     "--train.ckpt_every=0", "--tune.virtual_tokens=16", f"--tune.lora_rank={args.lora_rank}",
+                     *([f"--tune.lora_targets={args.lora_targets}"] if args.lora_targets else [])]
         res = json.loads(run([sys.executable, "-c", CHILD, *overrides], args.threads).split("RESULT ", 1)[1])
         s = res["summary"]
         rows[method] = {"method": method, "trainable_params": s["trainable_params"], "params": s["params"],
@@ -113,8 +120,17 @@ def main() -> None:
                       f"{r['state_bytes'] / 2**20:,.0f} MiB" if t else "", f"{r['wall_s']:.0f} s" if t else "",
                       f"{r['tokens_per_s']:,.0f}" if t else "")
     Console().print(table)
+    serving = None
+    if args.serve_adapters:
+        out = args.out.with_name(args.out.stem + "_serve.json")
+        cmd = [sys.executable, str(Path(__file__).with_name("serve_adapters.py")), "--run", str(base), "--adapters",
+               str(args.serve_adapters), "--rank", str(args.lora_rank), "--dtype", args.dtype, "--out", str(out),
+               *(["--targets", args.lora_targets] if args.lora_targets else [])]
+        print(run(cmd, 1), flush=True)
+        serving = json.loads(out.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                    "serving": serving}, indent=1))
     print(f"wrote {args.out}")
 
 

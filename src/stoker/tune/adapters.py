@@ -189,7 +189,7 @@ def read_prompt(model: GPT, src: str | Path, cfg: dict | None = None,
 def read_lora(model: GPT, src: str | Path, cfg: dict | None = None,
               tensors: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """A LoRA adapter as stoker's layers see it: {layer path ("blocks.3.attn.q_proj"): (A (r, in),
-    B (out, r), alpha)}, fp32, checked against the model's layer shapes (a model on the meta
+    B (out, r), scaling)}, fp32, checked against the model's layer shapes (a model on the meta
     device will do); ConfigError for what does not fit or is not supported."""
     if cfg is None or tensors is None:
         cfg, tensors = read_adapter(src)
@@ -216,6 +216,7 @@ def read_lora(model: GPT, src: str | Path, cfg: dict | None = None,
         A, B = ab["A"], ab["B"]
         r = A.size(0)
         alpha = float(_pattern(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
+        scaling = lora_scaling(cfg, r, alpha)
         if _pattern(cfg.get("rank_pattern"), path, r) != r:
             raise ConfigError(f"{src}: {path} holds rank {r}, its config says {_pattern(cfg['rank_pattern'], path, r)}")
         if kind == "gpt2" and hf == "attn.c_attn":
@@ -230,7 +231,12 @@ def read_lora(model: GPT, src: str | Path, cfg: dict | None = None,
             if A.size(1) != layer.in_features or b.size(0) != layer.out_features or b.size(1) != r:
                 raise ConfigError(f"{src}: {path}: A {tuple(A.shape)} and B {tuple(b.shape)} do not fit "
                                   f"a {layer.out_features} x {layer.in_features} layer")
-            out[f"blocks.{i}.{st}"] = (A, b, alpha)
+            a = A
+            if len(parts) > 1:  # a slice of a fused update: its all-zero columns of B (and their
+                keep = b.any(dim=0)  # rows of A) do nothing, so q, k, v written as rank 3r come back as r
+                if 0 < int(keep.sum()) < r:
+                    a, b = A[keep], b[:, keep]
+            out[f"blocks.{i}.{st}"] = (a, b, scaling)
     return out
 
 
@@ -253,13 +259,15 @@ def apply_adapter(model: GPT, src: str | Path) -> str:
     if ptype != "LORA":
         raise ConfigError(f"{src}: peft_type {ptype!r} is not supported; stoker loads LORA and PROMPT_TUNING")
     rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0))
-    for path, (A, B, alpha) in read_lora(model, src, cfg, tensors).items():
+    for path, (A, B, scaling) in read_lora(model, src, cfg, tensors).items():
+        rank = A.size(0)
+        alpha = scaling * (math.sqrt(rank) if rslora else rank)  # the same scaling at the rank it came back with
         parent_path, leaf = path.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
         base = getattr(parent, leaf)
         if type(base) is not nn.Linear:
             raise ConfigError(f"{src}: {path}: the layer has an adapter already; load one adapter per model")
-        lora = LoRALinear.wrap(base, A.size(0), alpha, dropout, rslora)
+        lora = LoRALinear.wrap(base, rank, alpha, dropout, rslora)
         with torch.no_grad():
             lora.lora_A.copy_(A)
             lora.lora_B.copy_(B)
