@@ -103,7 +103,7 @@ def main() -> None:
         proc.terminate()
         proc.wait()
     ratio = rows["adapters"]["tokens_per_s"] / rows["base"]["tokens_per_s"]
-    table = Table(title=f"serve: {args.preset}, {args.dtype}, {args.threads} thread(s), {B} concurrent, "
+    table = Table(title=f"serve: {args.run.name}, {args.dtype}, {args.threads} thread(s), {B} concurrent, "
                         f"{args.max_tokens} new tokens each, LoRA rank {args.rank} on {args.targets}")
     for col in ("setting", "tokens/s", "TTFT p50", "latency p99"):
         table.add_column(col, justify="right")
