@@ -71,13 +71,23 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from stoker.data.clean import CleanConfig, report_table
+    from stoker.data.dedup import MinHashConfig
     from stoker.data.prepare import prepare, summary_table
 
     try:
+        on = args.clean
+        clean = CleanConfig(quality=args.quality or ("auto" if on else "off"),
+                            hap_threshold=args.hap if args.hap is not None else (1.0 if on else 0.0),
+                            pii=args.pii or on, dedup=args.dedup or ("both" if on else "off"),
+                            minhash=MinHashConfig(threshold=args.near_threshold, shingle=args.shingle),
+                            workers=args.workers)
         summary = prepare(args.sources or None, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                          tokenizer=args.tokenizer)
+                          tokenizer=args.tokenizer, clean=clean)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
+    if summary.get("clean"):
+        Console().print(report_table(summary["clean"]))
     Console().print(summary_table(summary))
     return 0
 
@@ -352,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--tokenizer", metavar="DIR", default=None,
                     help="use the tokenizer in DIR (tokenizer.json, e.g. a `stoker import` run) instead of training "
                          "one: data for continued pre-training of that model")
+    pp.add_argument("--clean", action="store_true",
+                    help="every cleaning stage at its default: --quality auto --hap 1 --pii --dedup both")
+    pp.add_argument("--quality", choices=("off", "auto", "prose", "code"), default=None,
+                    help="drop low-quality documents: Gopher/C4 rules for prose, line-length, alphanumeric and "
+                         "generated-file rules for source code; auto picks by file suffix (default off)")
+    pp.add_argument("--hap", type=float, default=None, metavar="SCORE",
+                    help="drop documents with more than SCORE hateful, abusive or profane words per 100 words, "
+                         "by the shipped word list (a hate word counts thrice; default off)")
+    pp.add_argument("--pii", action="store_true",
+                    help="redact e-mail addresses, public IP addresses, phone numbers, card numbers (Luhn-checked) "
+                         "and secrets as <EMAIL>, <IP_ADDRESS>, <PHONE_NUMBER>, <CREDIT_CARD>, <SECRET>")
+    pp.add_argument("--dedup", choices=("off", "exact", "near", "both"), default=None,
+                    help="remove exact duplicates (normalised text) and/or near duplicates (MinHash LSH); the "
+                         "copy kept is the one whose path sorts first (default off)")
+    pp.add_argument("--near-threshold", type=float, default=0.8,
+                    help="Jaccard similarity of word shingles from which documents are near duplicates (default 0.8)")
+    pp.add_argument("--shingle", type=int, default=5, help="words per MinHash shingle (default 5)")
+    pp.add_argument("--workers", type=int, default=0,
+                    help="processes for the per-document cleaning stages (default 0: every core)")
 
     keys = ("config keys, with their defaults (a [section] key in CONFIG.toml, or --section.key=value):\n"
             + config_help())

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from stoker.data.clean import CleanConfig
 from stoker.data.tokenizer import FILENAME, Tokenizer, train_bpe
 from stoker.data.tokenizer import copy_files as copy_tokenizer
 
@@ -200,10 +201,13 @@ def prepare(
     shard_tokens: int = 2**24,
     progress: bool = True,
     tokenizer: str | Path | None = None,
+    clean: CleanConfig | None = None,
 ) -> dict:
     """Tokenize `sources` (default: the stdlib) into `out`; returns meta.json's content plus
     "seconds". With `tokenizer` (a directory holding a tokenizer.json: an imported model's run,
-    say), its tokenizer is used instead of training one, so the data fits that model."""
+    say), its tokenizer is used instead of training one, so the data fits that model. With
+    `clean` (stoker.data.clean.CleanConfig), documents are filtered, redacted and deduplicated
+    first; its report goes to report.json and meta.json's "clean"."""
     t0 = time.perf_counter()
     if not 257 <= vocab_size <= 2**32:
         raise ValueError(f"vocab_size: must be between 257 (256 bytes + end-of-text) and 2**32, got {vocab_size}")
@@ -223,6 +227,15 @@ def prepare(
         corpus = _read(srcs, lambda: bar.advance(task))
         if not corpus.docs:
             raise ValueError(f"no documents (.txt .md .py .jsonl, UTF-8) found in {', '.join(map(str, srcs))}")
+        report = None
+        if clean is not None and clean.active:
+            from stoker.data.clean import clean as clean_docs
+
+            bar.update(task, description="cleaning", total=len(corpus.docs), completed=0)
+            corpus.docs, report = clean_docs(corpus.docs, clean, lambda n: bar.advance(task, n))
+            if not corpus.docs:
+                why = "; ".join(f"{s['stage']} removed {s['documents_in'] - s['documents_out']}" for s in report["stages"])
+                raise ValueError(f"no documents left after cleaning ({why}); loosen the settings")
         val = _val_mask([ident for ident, _ in corpus.docs], val_fraction)
         docs = {
             "train": [t for (_, t), v in zip(corpus.docs, val) if not v],
@@ -271,6 +284,9 @@ def prepare(
                 "skipped_jsonl_lines": corpus.skipped_jsonl_lines, "ignored": corpus.ignored,
                 "sources": [str(s.resolve()) for s in srcs],
             }
+            if report is not None:
+                meta["clean"] = report
+                (tmp / "report.json").write_text(json.dumps(report, indent=1))
             (tmp / META).write_text(json.dumps(meta, indent=1))
             _replace(tmp, out)
         except BaseException:
