@@ -81,7 +81,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                             hap_threshold=args.hap if args.hap is not None else (1.0 if on else 0.0),
                             pii=args.pii or on, dedup=args.dedup or ("both" if on else "off"),
                             minhash=MinHashConfig(threshold=args.near_threshold, shingle=args.shingle),
-                            workers=args.workers)
+                            workers=args.workers, engine=args.engine, ray_address=args.ray_address)
         summary = prepare(args.sources or None, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                           tokenizer=args.tokenizer, clean=clean)
     except (FileNotFoundError, ValueError) as e:
@@ -381,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--shingle", type=int, default=5, help="words per MinHash shingle (default 5)")
     pp.add_argument("--workers", type=int, default=0,
                     help="processes for the per-document cleaning stages (default 0: every core)")
+    pp.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="where the per-document cleaning stages run: local worker processes (default) or Ray Data "
+                         "(the same output); an interrupted run continues from its finished batches either way")
+    pp.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="with --engine ray: the cluster to join (its workers need stoker installed); default: a "
+                         "local Ray started for the run")
 
     keys = ("config keys, with their defaults (a [section] key in CONFIG.toml, or --section.key=value):\n"
             + config_help())

@@ -4,6 +4,7 @@ with them."""
 import json
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def prose(rng: random.Random, n_words: int = 200, vocab: int = 5000) -> str:
     for _ in range(n_words):
         sentence.append(rng.choice(COMMON) if rng.random() < 0.6 else f"w{rng.randrange(vocab)}")
         if len(sentence) >= rng.randint(8, 16):
-            out.append(" ".join(sentence).capitalize() + ".")
+            out.append(" ".join([rng.choice(("the", "and", "to", "of"))] + sentence).capitalize() + ".")
             sentence = []
     return " ".join(out + [" ".join(sentence) + "."] * bool(sentence))
 
@@ -222,3 +223,85 @@ def test_prepare_refuses_an_empty_result_in_one_line(tmp_path, capsys):
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "d2"), "--near-threshold", "1.5",
                      "--dedup", "near"]) == 2
 
+
+
+# ---- engines and resume ----
+
+def noisy_corpus(root, n: int = 40, seed: int = 7):
+    """Prose documents with planted exact and near copies, PII, abuse and junk."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    texts = [prose(rng, 250) for _ in range(n)]
+    for i, t in enumerate(texts):
+        (root / f"doc{i:03d}.txt").write_text(t)
+    for i in range(0, n, 5):
+        (root / f"near{i:03d}.txt").write_text(texts[i] + " and a few more words")
+        (root / f"copy{i:03d}.txt").write_text(texts[i])
+    (root / "pii.txt").write_text(prose(rng, 100) + " write to a.b@example.com, call +1 (555) 234-5678")
+    (root / "abuse.txt").write_text(prose(rng, 60) + " idiot bastard " * 10)
+    (root / "junk.txt").write_text("#### ---- #### ----")
+    return root
+
+
+def shards(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix == ".bin" or p.name == "tokenizer.json"}
+
+
+def stage_counts(report):
+    return [(s["stage"], s["documents_out"], s["bytes_out"], sorted(s["removed"])) for s in report["stages"]]
+
+
+def test_local_and_ray_engines_write_identical_shards_and_report(tmp_path):
+    from stoker.data.prepare import prepare
+
+    ray = pytest.importorskip("ray")  # a test dependency (pyproject's test extra): present in `make test`
+    src = noisy_corpus(tmp_path / "src")
+    base = dict(quality="auto", hap_threshold=1.0, pii=True, dedup="both", batch_bytes=8_000)
+    a = prepare([str(src)], tmp_path / "local", 400, 0.1, progress=False, clean=CleanConfig(**base, workers=2))
+    try:
+        b = prepare([str(src)], tmp_path / "ray", 400, 0.1, progress=False,
+                    clean=CleanConfig(**base, workers=2, engine="ray"))
+    finally:
+        ray.shutdown()
+    assert shards(tmp_path / "local") == shards(tmp_path / "ray") and len(shards(tmp_path / "local")) >= 3
+    assert stage_counts(a["clean"]) == stage_counts(b["clean"])
+    assert a["clean"]["pii"] == b["clean"]["pii"] == {"email": 1, "phone": 1}
+    assert a["documents"] == b["documents"] == 41 and b["clean"]["engine"] == "ray"  # 40 originals and pii.txt
+
+
+def test_a_killed_run_resumes_from_its_finished_batches(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from stoker.data import clean as clean_mod
+    from stoker.data.prepare import prepare
+
+    src = noisy_corpus(tmp_path / "src", n=400)
+    cfg = "CleanConfig(quality='auto', hap_threshold=1.0, pii=True, dedup='both', batch_bytes=4000, workers=1)"
+    code = (f"from stoker.data.clean import CleanConfig; from stoker.data.prepare import prepare; "
+            f"prepare([{str(src)!r}], {str(tmp_path / 'out')!r}, 400, 0.1, progress=False, clean={cfg})")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    work = tmp_path / ".out.clean"
+    deadline = time.monotonic() + 120
+    while len(list(work.glob("*.json"))) < 20 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "finished before the kill: give it more work"
+    finished = len(list(work.glob("*.json")))
+    assert finished >= 20 and not (tmp_path / "out").exists()
+
+    calls = {"resumed": 0, "whole": 0}
+    real = clean_mod._process
+    run = ["resumed"]
+    monkeypatch.setattr(clean_mod, "_process", lambda batch, c: calls.__setitem__(run[0], calls[run[0]] + 1)
+                        or real(batch, c))
+    kw = dict(quality="auto", hap_threshold=1.0, pii=True, dedup="both", batch_bytes=4000, workers=1)
+    resumed = prepare([str(src)], tmp_path / "out", 400, 0.1, progress=False, clean=CleanConfig(**kw))
+    run[0] = "whole"
+    whole = prepare([str(src)], tmp_path / "whole", 400, 0.1, progress=False, clean=CleanConfig(**kw))
+    assert calls["resumed"] == calls["whole"] - finished  # the finished batches were not computed again
+    assert shards(tmp_path / "out") == shards(tmp_path / "whole")
+    assert stage_counts(resumed["clean"]) == stage_counts(whole["clean"])
+    assert not work.exists()  # removed once the data is written

@@ -10,12 +10,16 @@ identity sorts first (stoker.data.dedup).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
+import pickle
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -24,8 +28,9 @@ from stoker.data.dedup import MinHashConfig, exact_duplicates, exact_key, near_d
 QUALITY_MODES = ("off", "auto", "prose", "code")
 DEDUP_MODES = ("off", "exact", "near", "both")
 STAGES = ("quality", "hap", "pii", "exact_dedup", "near_dedup")
+ENGINES = ("local", "ray")
+WORK_MARK = ".stoker-clean"  # in a work directory stoker made (so it may remove it)
 EXAMPLES = 3  # removed documents named per reason in the report
-BATCH_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class CleanConfig:
     dedup: str = "off"  # off | exact | near | both
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     workers: int = 0  # processes for the per-document stages (0: every core)
+    engine: str = "local"  # local (worker processes) or ray (Ray Data)
+    ray_address: str | None = None  # a Ray cluster to join (default: a local one, started for the run)
+    batch_bytes: int = 1 << 20  # text per batch of documents: the unit of work and of resuming
 
     def __post_init__(self) -> None:
         if self.quality not in QUALITY_MODES:
@@ -48,6 +56,10 @@ class CleanConfig:
             raise ValueError("minhash: threshold in (0, 1], shingle >= 1, num_perm >= 2")
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.batch_bytes < 1:
+            raise ValueError(f"batch_bytes: must be >= 1, got {self.batch_bytes}")
 
     @property
     def active(self) -> bool:
@@ -88,32 +100,15 @@ def _process(batch: list[tuple[str, str]], cfg: CleanConfig) -> list[_Doc]:
     return out
 
 
-def _batches(docs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+def _batches(docs: list[tuple[str, str]], batch_bytes: int) -> list[list[tuple[str, str]]]:
     out, cur, size = [], [], 0
     for d in docs:
         cur.append(d)
         size += len(d[1])
-        if size >= BATCH_BYTES or len(cur) >= 512:
+        if size >= batch_bytes or len(cur) >= 512:
             out.append(cur)
             cur, size = [], 0
     return out + [cur] if cur else out
-
-
-def _run_local(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int], None]) -> list[_Doc]:
-    workers = cfg.workers or os.cpu_count() or 1
-    batches = _batches(docs)
-    results: list[_Doc] = []
-    if workers == 1 or len(batches) == 1:
-        for b in batches:
-            results += _process(b, cfg)
-            advance(len(b))
-        return results
-    # fork: the children inherit the loaded modules (no re-import per worker)
-    with multiprocessing.get_context("fork").Pool(min(workers, len(batches))) as pool:
-        for b, res in zip(batches, pool.imap(_ProcessBatch(cfg), batches)):
-            results += res
-            advance(len(b))
-    return results
 
 
 class _ProcessBatch:
@@ -124,12 +119,122 @@ class _ProcessBatch:
         return _process(batch, self.cfg)
 
 
-def clean(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int], None] = lambda n: None
-          ) -> tuple[list[tuple[str, str]], dict]:
+class _Store:
+    """Finished batches' results in `work/`, so that an interrupted run continues where it
+    stopped: each batch a JSON file and, for near deduplication, a .npy of its signatures
+    (read without pickle), named by a hash of the settings and of the batch's documents."""
+
+    def __init__(self, work: Path | None, cfg: CleanConfig):
+        self.work = work
+        per_doc = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "engine", "ray_address")}
+        self.salt = json.dumps(per_doc, sort_keys=True, default=str).encode()
+        if work is not None:
+            work.mkdir(parents=True, exist_ok=True)
+            (work / WORK_MARK).touch()
+
+    def name(self, batch: list[tuple[str, str]]) -> str:
+        h = hashlib.sha1(self.salt)
+        for ident, text in batch:
+            h.update(ident.encode() + b"\0" + text.encode() + b"\0")
+        return h.hexdigest()
+
+    def get(self, batch: list[tuple[str, str]]) -> list[_Doc] | None:
+        if self.work is None:
+            return None
+        stem = self.work / self.name(batch)
+        try:
+            rows = json.loads(stem.with_suffix(".json").read_text())
+            sigs = np.load(stem.with_suffix(".npy"), allow_pickle=False) if stem.with_suffix(".npy").exists() else None
+            docs = [_Doc(r["reason"], r["text"], Counter(r["pii"]), bytes.fromhex(r["key"]) if r["key"] else None,
+                         sigs[i] if sigs is not None and r["sig"] else None) for i, r in enumerate(rows)]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None  # absent or cut short by the interruption: computed again
+        return docs if len(docs) == len(batch) else None
+
+    def put(self, batch: list[tuple[str, str]], docs: list[_Doc]) -> None:
+        if self.work is None:
+            return
+        stem = self.work / self.name(batch)
+        sigs = [d.sig for d in docs if d.sig is not None]
+        if sigs:
+            width = len(sigs[0])
+            arr = np.stack([d.sig if d.sig is not None else np.zeros(width, np.uint64) for d in docs])
+            tmp = stem.with_suffix(".npy.tmp")
+            with tmp.open("wb") as f:
+                np.save(f, arr)
+            tmp.replace(stem.with_suffix(".npy"))
+        rows = [{"reason": d.reason, "text": d.text, "pii": dict(d.pii), "key": d.key.hex() if d.key else None,
+                 "sig": d.sig is not None} for d in docs]
+        tmp = stem.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.replace(stem.with_suffix(".json"))  # last: the batch counts as done once this exists
+
+
+def _run(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int], None],
+         work: Path | None) -> list[_Doc]:
+    """The per-document stages over every batch, on the configured engine, reusing what an
+    interrupted run finished."""
+    store = _Store(work, cfg)
+    batches = _batches(docs, cfg.batch_bytes)
+    done: dict[int, list[_Doc]] = {}
+    for i, b in enumerate(batches):
+        if (got := store.get(b)) is not None:
+            done[i] = got
+            advance(len(b))
+    todo = [i for i in range(len(batches)) if i not in done]
+    run = _ray_map if cfg.engine == "ray" else _local_map
+    for i, res in run([batches[i] for i in todo], todo, cfg):
+        store.put(batches[i], res)
+        done[i] = res
+        advance(len(batches[i]))
+    return [d for i in range(len(batches)) for d in done[i]]
+
+
+def _local_map(batches: list, ids: list[int], cfg: CleanConfig) -> Iterator[tuple[int, list[_Doc]]]:
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers == 1 or len(batches) <= 1:
+        for i, b in zip(ids, batches):
+            yield i, _process(b, cfg)
+        return
+    # fork: the children inherit the loaded modules (no re-import per worker)
+    with multiprocessing.get_context("fork").Pool(min(workers, len(batches))) as pool:
+        yield from zip(ids, pool.imap(_ProcessBatch(cfg), batches))
+
+
+def _ray_map(batches: list, ids: list[int], cfg: CleanConfig) -> Iterator[tuple[int, list[_Doc]]]:
+    """The same per-batch function as tasks of Ray Data: one row per batch, results back in
+    batch order (Ray Data may finish them in any order)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Data: pip install 'ray[data]' (or stoker[ray])") from None
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, num_cpus=None if cfg.ray_address else (cfg.workers or None),
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not batches:
+        return
+    fn = _ProcessBatch(cfg)
+
+    def work(row: dict) -> dict:
+        batch = json.loads(row["batch"])
+        return {"i": row["i"], "out": pickle.dumps(fn([tuple(d) for d in batch]))}
+
+    ds = ray.data.from_items([{"i": i, "batch": json.dumps(b)} for i, b in zip(ids, batches)],
+                             override_num_blocks=len(batches))
+    results = {r["i"]: r["out"] for r in ds.map(work).iter_rows()}
+    for i in ids:
+        yield i, pickle.loads(results[i])  # this run's own workers' results, in memory
+
+
+def clean(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int], None] = lambda n: None,
+          work: Path | None = None) -> tuple[list[tuple[str, str]], dict]:
     """The documents (identity, text) that pass, redacted, in their order, and the report:
-    per stage documents and bytes in and out, reasons with examples, PII counts, throughput."""
+    per stage documents and bytes in and out, reasons with examples, PII counts, throughput.
+    work: a directory for finished batches, so that a run interrupted and started again
+    continues where it stopped."""
     t0 = time.perf_counter()
-    results = _run_local(docs, cfg, advance)
+    results = _run(docs, cfg, advance, work)
     t_docs = time.perf_counter() - t0
     removed: dict[int, str] = {i: r.reason for i, r in enumerate(results) if r.reason}
     live = [i for i in range(len(docs)) if i not in removed]
@@ -177,7 +282,7 @@ def clean(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int]
         "pii": dict(sorted(pii.items())), "documents_in": len(docs), "documents_out": len(live),
         "bytes_in": total_bytes, "bytes_out": sum(len(results[i].text.encode()) for i in live),
         "seconds": seconds, "per_document_stages_seconds": t_docs,
-        "workers": cfg.workers or os.cpu_count() or 1,
+        "workers": cfg.workers or os.cpu_count() or 1, "engine": cfg.engine,
         "documents_per_s": len(docs) / seconds if seconds else 0.0,
         "mb_per_s": total_bytes / 2**20 / seconds if seconds else 0.0,
     }

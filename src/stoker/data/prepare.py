@@ -9,6 +9,7 @@ Output directory:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -16,6 +17,7 @@ import shutil
 import sysconfig
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from stoker.data.clean import CleanConfig
+from stoker.data.clean import WORK_MARK, CleanConfig
 from stoker.data.tokenizer import FILENAME, Tokenizer, train_bpe
 from stoker.data.tokenizer import copy_files as copy_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
-SUFFIXES = TEXT_SUFFIXES | {".jsonl"}
+SUFFIXES = TEXT_SUFFIXES | {".jsonl"}  # each also gzipped (.txt.gz ...); and .parquet (its "text" column)
 META = "meta.json"
 ENCODE_CHUNK = 64  # documents per encode_batch call: big enough to amortize, small enough for a live bar
 
@@ -66,24 +68,42 @@ class _Corpus:
     skipped_non_utf8: int = 0
     skipped_jsonl_lines: int = 0
     ignored: int = 0
+    unreadable: list[str] = field(default_factory=list)  # "file: why", one a file that could not be read
 
 
 def _read(sources: list[Path], advance: Callable[[], None]) -> _Corpus:
     c = _Corpus()
     for src in sources:
         for path in _walk(src):
-            suffix = path.suffix.lower()
-            if suffix not in SUFFIXES:
+            name = path.name.lower()
+            gz = name.endswith(".gz")
+            suffix = Path(name.removesuffix(".gz")).suffix
+            if suffix not in SUFFIXES and not (suffix == ".parquet" and not gz):
                 c.ignored += 1
                 continue
+            # The identity decides the split, so it must not depend on where the corpus lives.
+            ident = (path.relative_to(src) if src.is_dir() else Path(path.name)).as_posix()
+            if suffix == ".parquet":
+                try:
+                    texts = _parquet_texts(path)
+                except ValueError as e:
+                    c.unreadable.append(f"{ident}: {e}")
+                    continue
+                c.files += 1
+                c.docs += [(f"{ident}:{n + 1}", t) for n, t in enumerate(texts) if t is not None]
+                c.skipped_jsonl_lines += sum(t is None for t in texts)
+                advance()
+                continue
             try:
-                text = path.read_bytes().decode("utf-8")
+                raw = path.read_bytes()
+                text = (gzip.decompress(raw) if gz else raw).decode("utf-8")
             except UnicodeDecodeError:
                 c.skipped_non_utf8 += 1
                 continue
+            except (OSError, EOFError, zlib.error) as e:  # unreadable, or a broken gzip stream
+                c.unreadable.append(f"{ident}: {e}")
+                continue
             c.files += 1
-            # The identity decides the split, so it must not depend on where the corpus lives.
-            ident = (path.relative_to(src) if src.is_dir() else Path(path.name)).as_posix()
             if suffix == ".jsonl":
                 # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends.
                 for n, line in enumerate(text.removeprefix("\ufeff").split("\n")):
@@ -98,6 +118,20 @@ def _read(sources: list[Path], advance: Callable[[], None]) -> _Corpus:
                 c.docs.append((ident, text))
             advance()
     return c
+
+
+def _parquet_texts(path: Path) -> list[str | None]:
+    """The "text" column of a parquet file (None for a null or non-string row); ValueError
+    for a file that is not parquet, lacks the column, or when pyarrow is missing."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading .parquet needs pyarrow: pip install pyarrow (or stoker[data])") from None
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except Exception as e:  # pyarrow's errors: ArrowInvalid, KeyError for the column, OSError
+        raise ValueError(f"not a readable parquet file with a text column ({type(e).__name__}: {e})") from None
+    return [t if isinstance(t, str) else None for t in table.column("text").to_pylist()]
 
 
 def _jsonl_text(line: str) -> str | None:
@@ -225,14 +259,18 @@ def prepare(
     with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("reading files", total=None)
         corpus = _read(srcs, lambda: bar.advance(task))
+        for line in corpus.unreadable:  # one line each; counted in meta.json too
+            bar.console.print(f"stoker prepare: skipped {line}", markup=False, highlight=False)
         if not corpus.docs:
-            raise ValueError(f"no documents (.txt .md .py .jsonl, UTF-8) found in {', '.join(map(str, srcs))}")
+            raise ValueError(f"no documents (.txt .md .py .jsonl, gzipped or not, .parquet; UTF-8) found in "
+                             f"{', '.join(map(str, srcs))}")
         report = None
         if clean is not None and clean.active:
             from stoker.data.clean import clean as clean_docs
 
-            bar.update(task, description="cleaning", total=len(corpus.docs), completed=0)
-            corpus.docs, report = clean_docs(corpus.docs, clean, lambda n: bar.advance(task, n))
+            bar.update(task, description=f"cleaning ({clean.engine})", total=len(corpus.docs), completed=0)
+            work = out.parent / f".{out.name}.clean"  # finished batches: a rerun continues from them
+            corpus.docs, report = clean_docs(corpus.docs, clean, lambda n: bar.advance(task, n), work)
             if not corpus.docs:
                 why = "; ".join(f"{s['stage']} removed {s['documents_in'] - s['documents_out']}" for s in report["stages"])
                 raise ValueError(f"no documents left after cleaning ({why}); loosen the settings")
@@ -282,6 +320,7 @@ def prepare(
                 "files": corpus.files, "documents": len(corpus.docs), "bytes": total_bytes, "tokens": tokens,
                 "bytes_per_token": total_bytes / tokens, "skipped_non_utf8": corpus.skipped_non_utf8,
                 "skipped_jsonl_lines": corpus.skipped_jsonl_lines, "ignored": corpus.ignored,
+                "unreadable": corpus.unreadable,
                 "sources": [str(s.resolve()) for s in srcs],
             }
             if report is not None:
@@ -289,6 +328,8 @@ def prepare(
                 (tmp / "report.json").write_text(json.dumps(report, indent=1))
             (tmp / META).write_text(json.dumps(meta, indent=1))
             _replace(tmp, out)
+            if report is not None and (work / WORK_MARK).is_file():
+                shutil.rmtree(work, ignore_errors=True)  # done: its batches are in the shards now
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -406,6 +447,7 @@ def summary_table(summary: dict) -> Table:
         ("skipped: not UTF-8", f"{summary['skipped_non_utf8']:,}"),
         ("skipped: bad jsonl lines", f"{summary['skipped_jsonl_lines']:,}"),
         ("ignored (other file types)", f"{summary['ignored']:,}"),
+        ("skipped: unreadable files", f"{len(summary.get('unreadable', [])):,}"),
     ]
     if "seconds" in summary:
         rows.append(("time", f"{summary['seconds']:.1f} s"))
