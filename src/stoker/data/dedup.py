@@ -3,12 +3,17 @@ group of duplicates is the one whose identity sorts first, whatever the order th
 arrive in, the engine or the number of workers.
 
 Exact: SHA-1 of the text lower-cased with runs of whitespace collapsed.
-Near (Broder's MinHash with banded LSH): a document's set of word `shingle`-grams; `num_perm`
-hash permutations (a h + b) mod (2^61 - 1) of their 32-bit hashes give a signature whose
-agreement estimates Jaccard similarity; signatures are cut in `bands` bands of `rows` rows, and
-documents sharing any band are candidates; a candidate pair is a duplicate when its
-signatures agree on at least `threshold` of their entries. Duplicates join groups through
-union-find (transitively).
+Near (Broder's MinHash with banded LSH): a document's set of word `shingle`-grams, hashed to 32
+bits; `num_perm` hash functions of those (the splitmix64 finalizer of the hash xor a
+per-function seed) give a signature whose agreement estimates Jaccard similarity within its
+binomial spread. (A linear (a h + b) mod p over 32-bit h does not: its orders coincide whenever
+a h never wraps, measured: agreement off by 0.15 on average against 0.03 expected.)
+Signatures are cut in `bands` bands of `rows` rows and documents sharing any band are
+candidates, bands and rows chosen so that a pair at the threshold is one with probability
+>= 0.95; a candidate pair is a duplicate when its signatures agree on at least the threshold
+less three standard deviations of the estimate. The threshold is thus soft, as MinHash's
+always is: pairs at it are found at least 95% of the time, pairs well below it (0.5 against
+0.8) practically never. Duplicates join groups through union-find (transitively).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MERSENNE = (1 << 61) - 1
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 _WORD = re.compile(r"\w+")
 
 
@@ -60,11 +65,18 @@ class MinHashConfig:
         t = self.threshold
         return t - 3 * math.sqrt(t * (1 - t) / self.num_perm)
 
-    def permutations(self) -> tuple[np.ndarray, np.ndarray]:
+    def permutations(self) -> np.ndarray:
+        """The hash functions' seeds, (num_perm,) uint64."""
         rng = np.random.Generator(np.random.PCG64(self.seed))
-        a = rng.integers(1, 1 << 32, self.num_perm, dtype=np.uint64)
-        b = rng.integers(0, 1 << 32, self.num_perm, dtype=np.uint64)
-        return a, b
+        return rng.integers(0, np.iinfo(np.uint64).max, self.num_perm, dtype=np.uint64, endpoint=True)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise (uint64 arithmetic wraps, as it should)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
 
 
 def shingle_hashes(text: str, k: int) -> np.ndarray:
@@ -78,13 +90,12 @@ def shingle_hashes(text: str, k: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
 
 
-def signature(text: str, cfg: MinHashConfig, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def signature(text: str, cfg: MinHashConfig, seeds: np.ndarray) -> np.ndarray:
     """The text's MinHash signature, (num_perm,) uint64."""
     h = shingle_hashes(text, cfg.shingle)
-    a, b = perms
     out = np.empty(cfg.num_perm, dtype=np.uint64)
-    for lo in range(0, len(h), 4096):  # bounded memory for long documents
-        part = ((h[lo:lo + 4096, None] * a[None] + b[None]) % np.uint64(MERSENNE)).min(axis=0)
+    for lo in range(0, len(h), 2048):  # bounded memory for long documents
+        part = _mix(h[lo:lo + 2048, None] ^ seeds[None]).min(axis=0)
         out = part if lo == 0 else np.minimum(out, part)
     return out
 
