@@ -71,17 +71,14 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from stoker.data.clean import CleanConfig, report_table
-    from stoker.data.dedup import MinHashConfig
+    from stoker.data.clean import clean_config, report_table
     from stoker.data.prepare import prepare, summary_table
 
     try:
-        on = args.clean
-        clean = CleanConfig(quality=args.quality or ("auto" if on else "off"),
-                            hap_threshold=args.hap if args.hap is not None else (1.0 if on else 0.0),
-                            pii=args.pii or on, dedup=args.dedup or ("both" if on else "off"),
-                            minhash=MinHashConfig(threshold=args.near_threshold, shingle=args.shingle),
-                            workers=args.workers, engine=args.engine, ray_address=args.ray_address)
+        flags = {"quality": args.quality, "hap": args.hap, "pii": args.pii or None, "dedup": args.dedup,
+                 "near_threshold": args.near_threshold, "shingle": args.shingle, "workers": args.workers,
+                 "engine": args.engine, "ray_address": args.ray_address}
+        clean = clean_config(args.config, args.clean, {k: v for k, v in flags.items() if v is not None})
         summary = prepare(args.sources or None, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                           tokenizer=args.tokenizer, clean=clean)
     except (FileNotFoundError, ValueError) as e:
@@ -364,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "one: data for continued pre-training of that model")
     pp.add_argument("--clean", action="store_true",
                     help="every cleaning stage at its default: --quality auto --hap 1 --pii --dedup both")
+    pp.add_argument("--config", metavar="PREPARE.toml", default=None,
+                    help="cleaning settings from a [clean] table (keys as these flags: quality, hap, pii, dedup, "
+                         "near_threshold, shingle, num_perm, workers, engine, ray_address, batch_bytes); flags given "
+                         "here override it")
     pp.add_argument("--quality", choices=("off", "auto", "prose", "code"), default=None,
                     help="drop low-quality documents: Gopher/C4 rules for prose, line-length, alphanumeric and "
                          "generated-file rules for source code; auto picks by file suffix (default off)")
@@ -376,12 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--dedup", choices=("off", "exact", "near", "both"), default=None,
                     help="remove exact duplicates (normalised text) and/or near duplicates (MinHash LSH); the "
                          "copy kept is the one whose path sorts first (default off)")
-    pp.add_argument("--near-threshold", type=float, default=0.8,
+    pp.add_argument("--near-threshold", type=float, default=None,
                     help="Jaccard similarity of word shingles from which documents are near duplicates (default 0.8)")
-    pp.add_argument("--shingle", type=int, default=5, help="words per MinHash shingle (default 5)")
-    pp.add_argument("--workers", type=int, default=0,
+    pp.add_argument("--shingle", type=int, default=None, help="words per MinHash shingle (default 5)")
+    pp.add_argument("--workers", type=int, default=None,
                     help="processes for the per-document cleaning stages (default 0: every core)")
-    pp.add_argument("--engine", choices=("local", "ray"), default="local",
+    pp.add_argument("--engine", choices=("local", "ray"), default=None,
                     help="where the per-document cleaning stages run: local worker processes (default) or Ray Data "
                          "(the same output); an interrupted run continues from its finished batches either way")
     pp.add_argument("--ray-address", default=None, metavar="ADDR",

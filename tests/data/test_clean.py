@@ -305,3 +305,18 @@ def test_a_killed_run_resumes_from_its_finished_batches(tmp_path, monkeypatch):
     assert shards(tmp_path / "out") == shards(tmp_path / "whole")
     assert stage_counts(resumed["clean"]) == stage_counts(whole["clean"])
     assert not work.exists()  # removed once the data is written
+
+
+def test_settings_from_a_prepare_toml_with_flags_over_them(tmp_path, capsys):
+    src = noisy_corpus(tmp_path / "src", n=10)
+    toml = tmp_path / "prepare.toml"
+    toml.write_text('[clean]\nquality = "prose"\ndedup = "exact"\nworkers = 1\n')
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "a"), "--vocab-size", "300", "--config", str(toml),
+                     "--dedup", "both"]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["quality", "exact_dedup", "near_dedup"]  # the flag won
+    assert report["config"]["quality"] == "prose" and report["workers"] == 1
+    assert (tmp_path / "a" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    toml.write_text('[clean]\nqualty = "prose"\n')
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "b"), "--config", str(toml)]) == 2
+    assert "unknown [clean] key(s) qualty" in capsys.readouterr().err

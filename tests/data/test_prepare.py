@@ -328,3 +328,34 @@ def test_damaged_data_is_refused_with_one_line_naming_the_file(small_data, tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("stoker: error: data.dir: "), err
     assert re.search(message, err)
+
+
+def test_gzip_and_parquet_sources_and_unreadable_files_named_and_counted(tmp_path, capsys):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    words = WORDS
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(6)]
+    (src / "a.txt.gz").write_bytes(gzip.compress(texts[0].encode()))
+    (src / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": t}) for t in texts[1:3]).encode()))
+    pq.write_table(pa.table({"text": [texts[3], None, texts[4]], "id": [1, 2, 3]}), src / "c.parquet")
+    (src / "d.txt").write_text(texts[5])
+    (src / "broken.txt.gz").write_bytes(gzip.compress(b"lost")[:-6])  # cut short
+    (src / "fake.parquet").write_text("not parquet at all")
+    pq.write_table(pa.table({"body": ["no text column"]}), src / "other.parquet")
+    assert cli.main(["prepare", str(src), "--out", str(tmp_path / "data"), "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err  # one line each on stderr, as it skips them
+    skipped = [l for l in err.splitlines() if l.startswith("stoker prepare: skipped")]
+    assert len(skipped) == 3 and {l.split()[3].rstrip(":") for l in skipped} == {"broken.txt.gz", "fake.parquet",
+                                                                                   "other.parquet"}
+    meta = load_meta(tmp_path / "data")
+    assert meta["documents"] == 6 and meta["files"] == 4 and meta["skipped_jsonl_lines"] == 1  # the null row
+    assert len(meta["unreadable"]) == 3 and all(": " in u for u in meta["unreadable"])
+    data = b"".join(p.read_bytes() for p in sorted((tmp_path / "data").glob("*.bin")))
+    tok = Tokenizer.load(tmp_path / "data")
+    ids = np.frombuffer(data, dtype=meta["dtype"])
+    assert sorted(t for t in tok.decode(ids.tolist()).split(EOT) if t) == sorted(texts)  # every readable text, whole

@@ -227,6 +227,41 @@ def _ray_map(batches: list, ids: list[int], cfg: CleanConfig) -> Iterator[tuple[
         yield i, pickle.loads(results[i])  # this run's own workers' results, in memory
 
 
+CONFIG_KEYS = ("quality", "hap", "pii", "dedup", "near_threshold", "shingle", "num_perm", "workers", "engine",
+               "ray_address", "batch_bytes")
+
+
+def clean_config(path: str | Path | None = None, all_on: bool = False, overrides: dict | None = None) -> CleanConfig:
+    """Settings from a TOML file's [clean] table (keys CONFIG_KEYS), then `overrides` (the same
+    keys); all_on: every stage on at its default unless set (what `--clean` means).
+    ValueError, one line, for an unreadable file or an unknown key."""
+    table: dict = {}
+    if path is not None:
+        import tomllib
+
+        try:
+            table = tomllib.loads(Path(path).read_text()).get("clean", {})
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: not a readable TOML file ({e})") from None
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [clean] must be a table")
+        unknown = sorted(set(table) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown [clean] key(s) {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}")
+    v = {**table, **(overrides or {})}
+    mh = MinHashConfig()
+    try:
+        return CleanConfig(
+            quality=v.get("quality", "auto" if all_on else "off"), hap_threshold=float(v.get("hap", 1.0 if all_on else 0.0)),
+            pii=bool(v.get("pii", all_on)), dedup=v.get("dedup", "both" if all_on else "off"),
+            minhash=MinHashConfig(num_perm=int(v.get("num_perm", mh.num_perm)), shingle=int(v.get("shingle", mh.shingle)),
+                                  threshold=float(v.get("near_threshold", mh.threshold))),
+            workers=int(v.get("workers", 0)), engine=v.get("engine", "local"), ray_address=v.get("ray_address"),
+            batch_bytes=int(v.get("batch_bytes", 1 << 20)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path or 'cleaning settings'}: {e}") from None
+
+
 def clean(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int], None] = lambda n: None,
           work: Path | None = None) -> tuple[list[tuple[str, str]], dict]:
     """The documents (identity, text) that pass, redacted, in their order, and the report:
@@ -292,6 +327,30 @@ def clean(docs: list[tuple[str, str]], cfg: CleanConfig, advance: Callable[[int]
 def _stage_on(stage: str, cfg: CleanConfig) -> bool:
     return {"quality": cfg.quality != "off", "hap": cfg.hap_threshold > 0, "pii": cfg.pii,
             "exact_dedup": cfg.dedup in ("exact", "both"), "near_dedup": cfg.dedup in ("near", "both")}[stage]
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    """A picture of the report: documents removed per stage and reason, and PII redacted by
+    type, as horizontal bars (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    removed = [(f"{s['stage']}: {k}", v["documents"]) for s in report["stages"] for k, v in s["removed"].items()]
+    pii = [(f"pii: {k}", n) for k, n in report["pii"].items()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * max(len(removed), len(pii), 3) + 1.5))
+    for ax, rows, title in ((axes[0], removed, "documents removed"), (axes[1], pii, "items redacted")):
+        labels, values = [r[0] for r in rows] or ["(none)"], [r[1] for r in rows] or [0]
+        ax.barh(labels[::-1], values[::-1], color="#c0504d" if ax is axes[0] else "#4f81bd")
+        ax.set_title(title)
+        for y, v in enumerate(values[::-1]):
+            ax.text(v, y, f" {v:,}", va="center")
+    fig.suptitle(f"cleaning: {report['documents_in']:,} -> {report['documents_out']:,} documents")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def report_table(report: dict):

@@ -326,6 +326,9 @@ def prepare(
             if report is not None:
                 meta["clean"] = report
                 (tmp / "report.json").write_text(json.dumps(report, indent=1))
+                from stoker.data.clean import plot_report
+
+                plot_report(report, tmp / "report.png")
             (tmp / META).write_text(json.dumps(meta, indent=1))
             _replace(tmp, out)
             if report is not None and (work / WORK_MARK).is_file():
