@@ -211,3 +211,29 @@ def test_cli_refuses_a_bad_adapter_in_one_line(tune_base, adapters, tmp_path, ca
     save_file({"prompt_embeddings": torch.zeros(5, 7)}, str(wide / "adapter_model.safetensors"))
     assert main(["serve", str(tune_base), "--adapter", f"w={wide}"]) == 2
     assert "do not fit this model" in capsys.readouterr().err
+
+
+def test_the_prefix_cache_never_gives_one_adapter_another_ones_keys(sharp):
+    """The same prompt under the base, a LoRA adapter and a prompt adapter: each its own cached
+    prefix blocks (a LoRA changes the keys and values of the same tokens)."""
+    base, tok, adapters = sharp
+    ids = tok.encode(PROMPTS[0] * 4)[:40]
+
+    def engine():  # each its own copy: the adapters wrap the model's layers in place
+        model = copy.deepcopy(base)
+        pack_linears(model)
+        return Engine(model, tok, max_batch=4, prefix_block=4, adapters=Adapters(model, specs_of(model, adapters), 8))
+
+    fresh = {}
+    for name in (None, "l1", "p1"):
+        e = engine()
+        fresh[name] = run_all(e, [(ids, name)])[0]
+        e.close()
+    shared = engine()
+    try:
+        got = {name: run_all(shared, [(ids, name)])[0] for name in (None, "l1", "p1", "l1")}
+        hits = shared.prefixes.used
+    finally:
+        shared.close()
+    assert got == fresh and len(set(map(tuple, fresh.values()))) == 3
+    assert hits > 0  # the cache was in use, and the second l1 request could reuse its own blocks

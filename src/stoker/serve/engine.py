@@ -158,10 +158,10 @@ class PrefixCache:
         self._blocks: collections.OrderedDict[tuple, tuple[int, torch.Tensor]] = collections.OrderedDict()
         self._ids = 0
 
-    def lookup(self, prompt: list[int]) -> list[torch.Tensor]:
+    def lookup(self, prompt: list[int], model: int = 0) -> list[torch.Tensor]:
         """The cached blocks of the prompt's longest cached prefix, leaving at least its last
         token to compute (its logits start the completion)."""
-        found, parent, B = [], 0, self.block
+        found, parent, B = [], -model, self.block
         keys = []
         while (len(found) + 1) * B <= len(prompt) - 1:
             k = len(found)
@@ -176,9 +176,11 @@ class PrefixCache:
             self._blocks.move_to_end(key)
         return found
 
-    def insert(self, prompt: list[int], kv: torch.Tensor) -> None:
-        """Add the whole blocks of a prefilled prompt; kv (n_layer, 2, KVH, >= len, D)."""
-        parent, B, keys = 0, self.block, []
+    def insert(self, prompt: list[int], kv: torch.Tensor, model: int = 0) -> None:
+        """Add the whole blocks of a prefilled prompt; kv (n_layer, 2, KVH, >= len, D). model:
+        what computed them besides the base (an adapter's uid; 0: the base alone), since the
+        same tokens have other keys and values under a LoRA adapter."""
+        parent, B, keys = -model, self.block, []
         for k in range(len(prompt) // B):
             key = (parent, tuple(prompt[k * B:(k + 1) * B]))
             if key not in self._blocks:
@@ -425,11 +427,14 @@ class Engine:
             seq.filled = len(seq.prompt)
             self._advance(seq, logits[0, -1])
         elif self.prefixes is not None:
-            blocks = self.prefixes.lookup(seq.prompt)
+            blocks = self.prefixes.lookup(seq.prompt, self._uid(seq))
             if blocks and sum(b.size(3) for b in blocks) > seq.filled:
                 seq.filled = sum(b.size(3) for b in blocks)
                 seq.kv[:, :, :, :seq.filled] = torch.cat(blocks, dim=3)
             self.metrics.prefix_hit(seq.filled - seq.virtual, len(seq.prompt) - seq.virtual)
+
+    def _uid(self, seq: _Seq) -> int:
+        return self.adapters.specs[seq.adapter].uid if seq.adapter else 0
 
     def _select(self, slots: list[int]) -> None:
         """Each token's adapter slot for the next forward call (see stoker.serve.adapters)."""
@@ -473,7 +478,7 @@ class Engine:
         if seq.filled < len(seq.prompt):
             return
         if self.prefixes is not None:
-            self.prefixes.insert(seq.prompt, seq.kv)
+            self.prefixes.insert(seq.prompt, seq.kv, self._uid(seq))
         self._advance(seq, logits)
         if not (seq.done or seq.cancelled):
             self._join_rows(seq)
