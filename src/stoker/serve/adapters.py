@@ -139,7 +139,8 @@ class MultiLoRALinear(nn.Module):
         return self.base.weight
 
     def put(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
-        """Slot `slot` (from 1) takes A (r, in) and B (out, r), scaling folded in; None clears it."""
+        """Slot `slot` (from 1) takes A (r, in) and B (out, r), scaling folded in; None clears it.
+        The packed copies follow at the next _pack()."""
         cols = slice((slot - 1) * self.rank, slot * self.rank)
         self.A[cols] = 0
         self.B[:, cols] = 0
@@ -147,7 +148,6 @@ class MultiLoRALinear(nn.Module):
             r = A.size(0)
             self.A[(slot - 1) * self.rank:(slot - 1) * self.rank + r] = A.to(self.A.dtype)
             self.B[:, (slot - 1) * self.rank:(slot - 1) * self.rank + r] = B.to(self.B.dtype)
-        self._pack()
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         # GELU always after the sum, never fused: a row's bits must not depend on whether some
@@ -222,18 +222,21 @@ class Adapters:
 
     def _load(self, spec: AdapterSpec, slot: int) -> None:
         cfg, tensors = read_adapter(spec.path)
+        lora = read_lora(self.model, spec.path, cfg, tensors) if spec.kind == "lora" else {}
         self.lora_slots.discard(slot)
         for m in self.layers.values():
             m.put(slot, None, None)
+        for path, (A, B, scaling) in lora.items():
+            self.layers[path].put(slot, A, B * scaling)
+        for m in self.layers.values():  # once per layer, after the slot is cleared and written
+            m._pack()
         if spec.kind == "lora":
-            for path, (A, B, scaling) in read_lora(self.model, spec.path, cfg, tensors).items():
-                self.layers[path].put(slot, A, B * scaling)
             self.lora_slots.add(slot)
-        else:
-            p = read_prompt(self.model, spec.path, cfg, tensors)
-            emb = p(1, torch.tensor([spec.task]) if spec.task is not None else None)[0].detach()
-            self.select(None)
-            self.virtual_kv[spec.name] = self.model.virtual_cache(emb)
+            return
+        p = read_prompt(self.model, spec.path, cfg, tensors)
+        emb = p(1, torch.tensor([spec.task]) if spec.task is not None else None)[0].detach()
+        self.select(None)
+        self.virtual_kv[spec.name] = self.model.virtual_cache(emb)
 
     def select(self, slots: list[int] | None) -> None:
         """Each token's slot (0: no adapter) for the next forward call, in the order the call

@@ -273,8 +273,7 @@ class Engine:
         virtual = self.adapters.virtual(adapter) if adapter else 0
         # A prompt adapter's virtual tokens lead the prompt as negative ids, its own, so that
         # prefix-cache keys tell adapters apart; they are never fed to the model.
-        uid = self.adapters.specs[adapter].uid if virtual else 0
-        prompt = [-(uid << 20) - i - 1 for i in range(virtual)] + list(prompt_ids)
+        prompt = [-(self._uid(adapter) << 20) - i - 1 for i in range(virtual)] + list(prompt_ids)
         ctx = self.cfg.block_size
         cap = min(len(prompt) + params.max_tokens - 1, ctx - 1)
         # A request that could never fit is cut to what the budget holds rather than refused.
@@ -427,14 +426,14 @@ class Engine:
             seq.filled = len(seq.prompt)
             self._advance(seq, logits[0, -1])
         elif self.prefixes is not None:
-            blocks = self.prefixes.lookup(seq.prompt, self._uid(seq))
+            blocks = self.prefixes.lookup(seq.prompt, self._uid(seq.adapter))
             if blocks and sum(b.size(3) for b in blocks) > seq.filled:
                 seq.filled = sum(b.size(3) for b in blocks)
                 seq.kv[:, :, :, :seq.filled] = torch.cat(blocks, dim=3)
             self.metrics.prefix_hit(seq.filled - seq.virtual, len(seq.prompt) - seq.virtual)
 
-    def _uid(self, seq: _Seq) -> int:
-        return self.adapters.specs[seq.adapter].uid if seq.adapter else 0
+    def _uid(self, adapter: str | None) -> int:
+        return self.adapters.specs[adapter].uid if adapter else 0
 
     def _select(self, slots: list[int]) -> None:
         """Each token's adapter slot for the next forward call (see stoker.serve.adapters)."""
@@ -478,7 +477,7 @@ class Engine:
         if seq.filled < len(seq.prompt):
             return
         if self.prefixes is not None:
-            self.prefixes.insert(seq.prompt, seq.kv, self._uid(seq))
+            self.prefixes.insert(seq.prompt, seq.kv, self._uid(seq.adapter))
         self._advance(seq, logits)
         if not (seq.done or seq.cancelled):
             self._join_rows(seq)
