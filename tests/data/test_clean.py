@@ -3,7 +3,6 @@ with them."""
 
 import json
 import random
-import re
 import sys
 
 import numpy as np
@@ -15,59 +14,15 @@ from stoker.data.dedup import MinHashConfig, near_duplicates, signature
 from stoker.data.filters.hap import hap_score
 from stoker.data.filters.pii import luhn, redact
 from stoker.data.filters.quality import code_reason, prose_reason, quality_reason
-
-COMMON = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-          "they you were her all she there would their we him been has when who will more no if out so said what "
-          "up its about into than them can only other new some could time these two may then do first any my now "
-          "such like our over man me even most made after also did many before must through back years where much "
-          "your way well down should because each just those people how too little state good very make world still "
-          "own see men work long get here between both life being under never day same another know while last might "
-          "us great old year off come since against go came right used take three").split()
-
-
-def prose(rng: random.Random, n_words: int = 200, vocab: int = 5000) -> str:
-    """Sentences of common words and rare ones (w123): passes the quality rules, and two such
-    texts share almost no 5-word shingles."""
-    out, sentence = [], []
-    for _ in range(n_words):
-        sentence.append(rng.choice(COMMON) if rng.random() < 0.6 else f"w{rng.randrange(vocab)}")
-        if len(sentence) >= rng.randint(8, 16):
-            out.append(" ".join([rng.choice(("the", "and", "to", "of"))] + sentence).capitalize() + ".")
-            sentence = []
-    return " ".join(out + [" ".join(sentence) + "."] * bool(sentence))
-
+from stoker.data.noisy import pii_items, prose, shingle_jaccard
 
 # ---- PII ----
-
-def planted_pii(rng: random.Random) -> list[tuple[str, str]]:
-    """(kind, value) pairs of every shipped pattern, generated."""
-    def card() -> str:
-        while True:
-            digits = "4" + "".join(str(rng.randrange(10)) for _ in range(15))
-            if luhn(digits):
-                return " ".join(digits[i:i + 4] for i in range(0, 16, 4))
-    alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    rand = lambda n, chars=alnum: "".join(rng.choice(chars) for _ in range(n))  # noqa: E731
-    return [
-        ("email", f"{rand(6).lower()}.{rand(5).lower()}@{rand(7).lower()}.com"),
-        ("email", f"{rand(4).lower()}+tag@mail.{rand(5).lower()}.org"),
-        ("ip", f"{rng.randint(11, 99)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"),
-        ("ip", f"2001:4860:{rng.randrange(16**4):x}::{rng.randrange(1, 16**4):x}"),
-        ("phone", f"+1 ({rng.randint(200, 999)}) {rng.randint(200, 999)}-{rng.randint(1000, 9999)}"),
-        ("phone", f"0{rng.randint(20, 99)} {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}"),
-        ("card", card()),
-        ("secret", "AKIA" + rand(16, "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")),
-        ("secret", "ghp_" + rand(36)),
-        ("secret", "sk-" + rand(40)),
-        ("secret", f"-----BEGIN RSA PRIVATE KEY-----\n{rand(64)}\n{rand(64)}\n-----END RSA PRIVATE KEY-----"),
-    ]
-
 
 def test_every_planted_pii_item_is_redacted_and_look_alikes_are_kept():
     rng = random.Random(0)
     planted, found = 0, 0
     for i in range(100):
-        items = planted_pii(rng)
+        items = pii_items(rng)
         text = " ".join(f"{prose(rng, 12)} {value} ," for _, value in items)
         out, counts = redact(text)
         for kind, value in items:
@@ -75,6 +30,7 @@ def test_every_planted_pii_item_is_redacted_and_look_alikes_are_kept():
             found += value not in out
         assert sum(counts.values()) == len(items), (counts, out)
     assert found == planted  # 100% on the shipped patterns
+    assert luhn("4111111111111111") and not luhn("4111111111111112")  # a known test number, and one digit off
     keep = ("version 3.11.4, build 1.2.3.4.5; private hosts 10.0.0.1, 192.168.1.20, 127.0.0.1 and ::1; "
             "the count is 1234567890123; card-like 4111 1111 1111 1112 fails Luhn; ISBN 978-3-16-148410-0; "
             "date 2024-01-15 12:30; password = 'short'")
@@ -128,16 +84,6 @@ def test_each_quality_rule_drops_what_it_should():
 
 # ---- deduplication ----
 
-def shingles(text: str, k: int = 5) -> set:
-    w = re.findall(r"\w+", text.lower())
-    return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = shingles(a), shingles(b)
-    return len(x & y) / len(x | y)
-
-
 def test_near_duplicates_found_and_distinct_documents_kept():
     rng = random.Random(3)
     originals = [prose(rng, 400) for _ in range(400)]
@@ -148,7 +94,7 @@ def test_near_duplicates_found_and_distinct_documents_kept():
             words[k] = f"edit{rng.randrange(999)}"
         copy = " ".join(words)
         copies.append(copy)
-        truth.append(jaccard(text, copy))
+        truth.append(shingle_jaccard(text, copy))
     docs = [(f"a{i:04d}.txt", t) for i, t in enumerate(originals)] + [(f"b{i:04d}.txt", t) for i, t in enumerate(copies)]
     cfg = MinHashConfig()
     perms = cfg.permutations()

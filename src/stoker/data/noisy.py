@@ -13,6 +13,8 @@ import random
 import re
 from pathlib import Path
 
+from stoker.data.filters.pii import luhn
+
 COMMON = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
           "they you were her all she there would their we him been has when who will more no if out so said what "
           "up its about into than them can only other new some could time these two may then do first any my now "
@@ -35,20 +37,12 @@ def prose(rng: random.Random, n_words: int = 200, vocab: int = 5000) -> str:
     return " ".join(out + [" ".join(sentence) + "."] * bool(sentence))
 
 
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch) * (2 if i % 2 else 1)
-        total += d - 9 if d > 9 else d
-    return total % 10 == 0
-
-
 def pii_items(rng: random.Random) -> list[tuple[str, str]]:
     """(kind, value) of every pattern the redaction ships, freshly generated."""
     def card() -> str:
         while True:
             digits = rng.choice("3456") + "".join(str(rng.randrange(10)) for _ in range(15))
-            if luhn_ok(digits):
+            if luhn(digits):
                 return " ".join(digits[i:i + 4] for i in range(0, 16, 4))
 
     alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
