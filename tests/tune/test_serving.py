@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from stoker.cli import main
+from stoker.config import ConfigError
 from stoker.data.tokenizer import Tokenizer
 from stoker.generate import load_trained, run_model_config
 from stoker.models.gpt import GPT, KVCache, pack_linears
@@ -237,3 +238,41 @@ def test_the_prefix_cache_never_gives_one_adapter_another_ones_keys(sharp):
         shared.close()
     assert got == fresh and len(set(map(tuple, fresh.values()))) == 3
     assert hits > 0  # the cache was in use, and the second l1 request could reuse its own blocks
+
+
+def test_an_adapter_broken_after_start_fails_its_request_alone(sharp, tmp_path):
+    """Adapters are read again whenever they load: one whose files went bad fails the request
+    that needs it, and the requests beside it finish as they would without it."""
+    base, tok, adapters = sharp
+    for name in ("l1", "l2", "mt"):
+        shutil.copytree(adapters / name, tmp_path / name)
+    model = copy.deepcopy(base)
+    pack_linears(model)
+    specs = [s for n in ("l1", "l2", "mt") for s in describe(model, n, tmp_path / n)]
+    with pytest.raises(ConfigError, match="stoker_tasks.json is not readable JSON"):
+        (tmp_path / "mt" / "stoker_tasks.json").write_text("{not json")
+        describe(model, "mt", tmp_path / "mt")
+    (tmp_path / "l2" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # truncated by a bad copy
+    (tmp_path / "mt" / "adapter_model.safetensors").unlink()
+    engine = Engine(model, tok, max_batch=8, batch_invariant=True, adapters=Adapters(model, specs, 8))
+    ids = tok.encode(PROMPTS[1])
+    events: dict[str, list[Event]] = {}
+    done = threading.Event()
+
+    def on_event(name, ev):
+        events.setdefault(name, []).append(ev)
+        if sum(bool(e and e[-1].finish_reason) for e in events.values()) == 4:
+            done.set()
+
+    try:
+        alone = {n: run_all(engine, [(ids, n)])[0] for n in (None, "l1")}
+        for name in (None, "l1", "l2", "mt:last"):
+            engine.submit(ids, GREEDY, lambda ev, name=name: on_event(name, ev), adapter=name)
+        assert done.wait(60)
+    finally:
+        engine.close()
+    for name in ("l2", "mt:last"):
+        last = events[name][-1]
+        assert last.finish_reason == "error" and f"adapter {name!r} did not load" in last.error
+    for name in (None, "l1"):
+        assert [t for e in events[name] for t in e.token_ids] == alone[name] and events[name][-1].error is None

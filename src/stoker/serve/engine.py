@@ -367,7 +367,7 @@ class Engine:
                 loads = self.adapters.loads
                 try:
                     seq.slot = self.adapters.acquire(seq.adapter, {s.slot for s in self._active + admitted})
-                except (OSError, ValueError) as e:  # its files changed since: this request fails
+                except Exception as e:  # its files went bad since: this request fails, not the engine
                     seq.error = f"adapter {seq.adapter!r} did not load: {e}"
                 if seq.slot is None:
                     seq.slot = 0

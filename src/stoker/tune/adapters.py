@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -140,7 +141,7 @@ def read_adapter(src: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         cfg = json.loads((src / CONFIG).read_text())
         tensors = load_file(str(src / WEIGHTS))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or hostile file among them
         raise ConfigError(f"{src}: not a readable adapter ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{src / CONFIG}: not a JSON object")
@@ -180,7 +181,10 @@ def read_prompt(model: GPT, src: str | Path, cfg: dict | None = None,
             prompt.task_cols.copy_(cols)
             prompt.task_rows.copy_(rows)
     if n_tasks:
-        names = json.loads((Path(src) / TASKS).read_text()) if (Path(src) / TASKS).is_file() else None
+        try:
+            names = json.loads((Path(src) / TASKS).read_text()) if (Path(src) / TASKS).is_file() else None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{src}: {TASKS} is not readable JSON ({e})") from None
         ok = isinstance(names, list) and len(names) == n_tasks and all(isinstance(n, str) for n in names)
         prompt.task_names = names if ok else [str(i) for i in range(n_tasks)]  # PEFT's own: task ids
     return prompt
