@@ -288,6 +288,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from stoker.dashboard import dashboard
+
+    try:
+        dashboard(args.runs, host=args.host, port=args.port, jobs_home=args.jobs_home, servers=args.serve,
+                  api_key=args.api_key, serve_api_key=args.serve_api_key)
+    except ConfigError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    return 0
+
+
 def cmd_hosts(args: argparse.Namespace) -> int:
     from stoker.parallel.hosts import MAX_HOSTS, EmulatedHosts, parse_rate
 
@@ -524,6 +537,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights and cache: auto (default: bf16 on a GPU, or where this CPU's bf16 matmuls "
                          "measure faster than fp32, else fp32), fp32, or bf16 (half the memory traffic)")
 
+    pb = sub.add_parser("dashboard", help="a web page of runs (live curves), the job queue and served models",
+                        description="Web dashboard: run directories under --runs (loss and validation curves, live "
+                                    "while training; learning rate, throughput, MFU, memory per rank, config, "
+                                    "checkpoints, adapters; several runs on one plot), the job queue (quotas, "
+                                    "pending reasons, history, logs, cancel and resubmit), and `stoker serve` "
+                                    "servers (models, adapters, /metrics charts, a streaming playground). "
+                                    "Open the printed URL in a browser.")
+    pb.add_argument("--runs", default="runs", help="directory whose run directories are shown, up to 3 levels "
+                                                   "down (default runs); nothing outside it is readable")
+    pb.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    pb.add_argument("--port", type=int, default=8050, help="TCP port (default 8050; 0: any free port)")
+    pb.add_argument("--jobs-home", default=None, help="job store to show (default $STOKER_JOBS_HOME or ~/.stoker/jobs)")
+    pb.add_argument("--serve", action="append", default=[], metavar="URL",
+                    help="a `stoker serve` server to show, e.g. http://127.0.0.1:8000 (repeat for more)")
+    pb.add_argument("--api-key", default=os.environ.get("STOKER_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' for the data (the page asks for it once); cancel "
+                         "and resubmit are enabled only with a key (default $STOKER_API_KEY)")
+    pb.add_argument("--serve-api-key", default=None,
+                    help="key the servers given by --serve require (default: the --api-key)")
+
     from stoker.parallel.plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
@@ -610,7 +643,7 @@ def _main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             return _fail(str(e))
     return {"prepare": cmd_prepare, "eval": cmd_eval, "export": cmd_export, "import": cmd_import, "demo": cmd_demo,
-            "serve": cmd_serve, "hosts": cmd_hosts}[args.command](args)
+            "serve": cmd_serve, "hosts": cmd_hosts, "dashboard": cmd_dashboard}[args.command](args)
 
 
 if __name__ == "__main__":

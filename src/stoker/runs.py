@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import json
+import math
 import os
 import socket
 import time
@@ -102,3 +104,218 @@ def _sees(path: Path, token: str, tries: int = 5) -> bool:
         if i + 1 < tries:
             time.sleep(0.2)
     return False
+
+
+# --- reading a run directory (the dashboard, and anyone who wants a run's summary) -----------
+
+RUN_FILES = ("config.toml", "model.json", "metrics.jsonl", "layout.json", "loss.png", "tokenizer.json")
+METRIC_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s")
+
+
+def _lock_holders() -> set[tuple[int, int, int]]:
+    """(major, minor, inode) of every file a process on this machine holds an flock on."""
+    held = set()
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return held
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK":
+            try:
+                major, minor, ino = parts[5].split(":")
+                held.add((int(major, 16), int(minor, 16), int(ino)))
+            except ValueError:
+                continue
+    return held
+
+
+class RunDir:
+    """A run directory read as it is, without validating or changing anything: config, model,
+    metrics, layout, checkpoints, adapters, and whether a process trains it now. Reads are
+    tolerant: a file being written, torn or missing gives what can be read."""
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.name
+
+    def _json(self, file: str) -> dict | None:
+        try:
+            value = json.loads((self.path / file).read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def config(self) -> dict:
+        import tomllib
+
+        try:
+            return tomllib.loads((self.path / "config.toml").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def model(self) -> dict | None:
+        return self._json("model.json")
+
+    def layout(self) -> dict | None:
+        return self._json("layout.json")
+
+    def metrics(self, offset: int = 0, inode: int | None = None) -> dict:
+        """metrics.jsonl from byte `offset` on, as columns: `train` (step and METRIC_KEYS) and
+        `val` (step, val_loss). Pass back the `offset` and `inode` returned to get only new lines;
+        `reset` is true when the file was rewritten (a resume drops the steps it repeats) and
+        everything was read again."""
+        path = self.path / "metrics.jsonl"
+        train: dict[str, list] = {k: [] for k in ("step", *METRIC_KEYS)}
+        val: dict[str, list] = {"step": [], "val_loss": []}
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                reset = inode != st.st_ino or offset > st.st_size
+                if reset:
+                    offset = 0
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return {"train": train, "val": val, "offset": 0, "inode": None, "reset": True}
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue
+            if "val_loss" in rec:
+                val["step"].append(rec["step"])
+                val["val_loss"].append(_finite(rec["val_loss"]))
+            elif "loss" in rec:
+                for k in train:
+                    train[k].append(rec["step"] if k == "step" else _finite(rec.get(k)))
+        return {"train": train, "val": val, "offset": offset + end, "inode": st.st_ino, "reset": reset}
+
+    def checkpoints(self) -> list[dict]:
+        from stoker.train.checkpoint import list_checkpoints
+
+        out = []
+        for p in list_checkpoints(self.path):
+            files = [f for f in p.iterdir() if f.is_file()]
+            out.append({"name": p.name, "step": int(p.name.split("_")[-1]),
+                        "bytes": sum(f.stat().st_size for f in files),
+                        "time": max((f.stat().st_mtime for f in files), default=0.0)})
+        return out
+
+    def adapters(self) -> list[dict]:
+        """The run's own adapter (`adapter/`, what a tuning run writes) and those under
+        `adapters/` (what `stoker serve` serves on this run), from their adapter_config.json:
+        folder, kind, rank or virtual tokens, tasks, size."""
+        root = self.path / "adapters"
+        dirs = [self.path / "adapter"] + (sorted(root.iterdir()) if root.is_dir() else [])
+        out = []
+        for d in dirs:
+            cfg = RunDir(d)._json("adapter_config.json")
+            if cfg is None:
+                continue
+            try:
+                tasks = json.loads((d / "stoker_tasks.json").read_text())
+            except (OSError, ValueError):
+                tasks = []
+            out.append({"name": d.relative_to(self.path).as_posix(), "kind": str(cfg.get("peft_type", "?")),
+                        "rank": cfg.get("r"), "virtual_tokens": cfg.get("num_virtual_tokens"),
+                        "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
+                        "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file())})
+        return out
+
+    def state(self) -> str:
+        """running (a process holds the run's lock), done (the last step logged is the
+        configured last), stopped (it ended before), or new (nothing logged)."""
+        try:
+            st = (self.path / LOCK).stat()
+            if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in _lock_holders():
+                return "running"
+        except OSError:
+            pass
+        last = self.last_step()
+        if last is None:
+            return "new"
+        steps = self.config().get("train", {}).get("steps")
+        return "done" if isinstance(steps, int) and last >= steps else "stopped"
+
+    def last_step(self) -> int | None:
+        m = self.metrics()["train"]["step"]
+        return m[-1] if m else None
+
+    def summary(self) -> dict:
+        """One row of the runs table."""
+        cfg, model, layout = self.config(), self.model() or {}, self.layout() or {}
+        m = self.metrics()
+        train, val = m["train"], m["val"]
+        steps = cfg.get("train", {})
+        tokens = (train["step"][-1] * steps.get("batch_size", 0) * steps.get("seq_len", 0)) if train["step"] else 0
+        try:
+            updated = max(os.stat(self.path / f).st_mtime for f in RUN_FILES if (self.path / f).exists())
+        except ValueError:
+            updated = None
+        return {
+            "name": self.name, "state": self.state(), "updated": updated,
+            "model": _describe_model(cfg, model), "params": _count(model),
+            "layout": layout.get("layout"), "world": layout.get("world"),
+            "method": cfg.get("tune", {}).get("method", "none"),
+            "step": train["step"][-1] if train["step"] else 0, "steps": steps.get("steps"), "tokens": tokens,
+            "loss": train["loss"][-1] if train["loss"] else None,
+            "val_loss": val["val_loss"][-1] if val["val_loss"] else None,
+            "mfu": _mean_tail(train["mfu"]), "tokens_per_s": _mean_tail(train["tokens_per_s"]),
+            "checkpoints": len(self.checkpoints()), "adapters": len(self.adapters()),
+        }
+
+
+def _finite(v):
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _mean_tail(values: list, n: int = 20) -> float | None:
+    tail = [v for v in values[-n:] if v is not None]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _describe_model(cfg: dict, model: dict) -> str:
+    preset = cfg.get("model", {}).get("preset", "")
+    shape = f"{model.get('n_layer')} x {model.get('n_embd')}" if model else ""
+    return " ".join(s for s in (preset, f"({shape})" if shape and preset else shape) if s) or "?"
+
+
+def _count(model: dict) -> int | None:
+    """Parameters from model.json's shape, without building the model."""
+    if not model:
+        return None
+    try:
+        from stoker.models.gpt import GPTConfig, count_params
+
+        return count_params(GPTConfig(**model))
+    except Exception:  # a model.json from another version: the count is optional
+        return None
+
+
+def find_runs(root: str | Path, depth: int = 3) -> list[RunDir]:
+    """Run directories under `root` (itself included), `depth` levels down at most, named by
+    their path relative to `root`; hidden folders, a run's own subfolders and links to anywhere
+    outside `root` are not searched."""
+    root = Path(root).resolve()
+    found: list[RunDir] = []
+
+    def walk(d: Path, level: int) -> None:
+        if (d / "metrics.jsonl").exists() or (d / "model.json").exists():
+            found.append(RunDir(d, d.relative_to(root).as_posix() if d != root else d.name))
+            return
+        if level >= depth:
+            return
+        try:
+            children = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")
+                              and c.resolve().is_relative_to(root))
+        except OSError:
+            return
+        for c in children:
+            walk(c, level + 1)
+
+    walk(root, 0)
+    return found
