@@ -112,6 +112,9 @@ RUN_FILES = ("config.toml", "model.json", "metrics.jsonl", "layout.json", "loss.
 METRIC_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s")
 
 
+_PARSED: dict[tuple, dict] = {}  # whole metrics files parsed: (path, inode, size, mtime) -> columns
+
+
 def _lock_holders() -> set[tuple[int, int, int]]:
     """(major, minor, inode) of every file a process on this machine holds an flock on."""
     held = set()
@@ -166,6 +169,14 @@ class RunDir:
         `reset` is true when the file was rewritten (a resume drops the steps it repeats) and
         everything was read again."""
         path = self.path / "metrics.jsonl"
+        if offset == 0:  # a whole file read before and unchanged since is not parsed again
+            try:
+                st = path.stat()
+                key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                key = None
+            if key is not None and key in _PARSED:
+                return {**_PARSED[key], "reset": inode != st.st_ino}
         train: dict[str, list] = {k: [] for k in ("step", *METRIC_KEYS)}
         val: dict[str, list] = {"step": [], "val_loss": []}
         try:
@@ -192,7 +203,12 @@ class RunDir:
             elif "loss" in rec:
                 for k in train:
                     train[k].append(rec["step"] if k == "step" else _finite(rec.get(k)))
-        return {"train": train, "val": val, "offset": offset + end, "inode": st.st_ino, "reset": reset}
+        out = {"train": train, "val": val, "offset": offset + end, "inode": st.st_ino, "reset": reset}
+        if offset == 0 and end == len(data):
+            if len(_PARSED) >= 32:
+                _PARSED.pop(next(iter(_PARSED)))
+            _PARSED[(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)] = out
+        return out
 
     def checkpoints(self) -> list[dict]:
         from stoker.train.checkpoint import list_checkpoints

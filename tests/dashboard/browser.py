@@ -87,7 +87,10 @@ class Browser:
     def wait_for(self, expression: str, timeout: float = 30.0):
         deadline = time.time() + timeout
         while True:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except RuntimeError:  # what it reads is not on the page yet
+                value = None
             if value:
                 return value
             if time.time() > deadline:

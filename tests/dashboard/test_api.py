@@ -146,7 +146,8 @@ def test_every_api_path_needs_the_key_when_one_is_set(runs_root, tmp_path):
     # The page and the fact that a key is needed are public; nothing else is.
     anon = client(s, key=None)
     assert anon.get("/").status_code == 200 and anon.get("/static/app.js").status_code == 200
-    assert anon.get("/api/info").json()["auth"] is True
+    assert anon.get("/api/info").json() == {"auth": True, "actions": True}  # where the data lives: not for them
+    assert ok.get("/api/info").json()["runs"] == str(runs_root)
     # Without a key set, reading is open but cancel and resubmit are refused.
     open_ = client(Settings(runs_root, jobs_home=tmp_path / "jobs"), key=None)
     assert open_.get("/api/runs").status_code == 200

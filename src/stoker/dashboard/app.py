@@ -166,16 +166,20 @@ def job_log(settings: Settings, job_id: int, tail: int = LOG_TAIL_BYTES) -> dict
 def job_action(settings: Settings, job_id: int, action: str) -> dict:
     c = _client(settings, write=True)
     try:
-        info = c.store.get(job_id, history=False)
-        if action == "cancel":
-            return {"id": job_id, "state": c.cancel(job_id)}
-        if info.backend == "local":  # this machine's queue requeues by itself: run the same spec anew
-            if info.state not in DONE:
-                raise ConfigError(f"job {job_id} is {info.state}: only a finished job is submitted again")
-            return {"id": c.submit(info.spec), "was": job_id}
-        return {"id": c.resubmit(job_id), "was": job_id}
-    except ConfigError as e:
-        raise DashboardError(409 if "job" in str(e) and "no job" not in str(e) else 404, str(e)) from None
+        try:
+            info = c.store.get(job_id, history=False)
+        except ConfigError as e:
+            raise DashboardError(404, str(e)) from None
+        try:
+            if action == "cancel":
+                return {"id": job_id, "state": c.cancel(job_id)}
+            if info.backend == "local":  # this machine's queue requeues by itself: run the same spec anew
+                if info.state not in DONE:
+                    raise ConfigError(f"job {job_id} is {info.state}: only a finished job is submitted again")
+                return {"id": c.submit(info.spec), "was": job_id}
+            return {"id": c.resubmit(job_id), "was": job_id}
+        except ConfigError as e:  # the job is in the wrong state for it
+            raise DashboardError(409, str(e)) from None
     finally:
         c.close()
 
@@ -318,21 +322,25 @@ def create_app(settings: Settings, allowed_hosts: set[str] | None = None) -> Fas
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
+    def authorized(request: Request) -> bool:
+        if settings.api_key is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.api_key.encode())
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        host = request.headers.get("host", "").rsplit(":", 1)[0] if not request.headers.get("host", "").startswith("[") \
-            else request.headers.get("host", "").split("]")[0] + "]"
+        header = request.headers.get("host", "")
+        host = header.split("]")[0] + "]" if header.startswith("[") else header.rsplit(":", 1)[0]
         if allowed_hosts is not None and host not in allowed_hosts:
             return JSONResponse({"error": f"Host {host!r} is not this dashboard's; open it as "
                                           f"http://127.0.0.1:PORT"}, status_code=421)
         path = request.url.path
         if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
             return JSONResponse({"error": "a POST must send Content-Type: application/json"}, status_code=415)
-        if path.startswith("/api/") and path != "/api/info" and settings.api_key is not None:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
-                return JSONResponse({"error": "missing or wrong API key; send 'Authorization: Bearer KEY'"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if path.startswith("/api/") and path != "/api/info" and not authorized(request):
+            return JSONResponse({"error": "missing or wrong API key; send 'Authorization: Bearer KEY'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
         response = await call_next(request)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
@@ -355,9 +363,12 @@ def create_app(settings: Settings, allowed_hosts: set[str] | None = None) -> Fas
         return static(name)
 
     @app.get("/api/info")
-    def info() -> dict:
-        return {"runs": str(settings.runs), "jobs_home": str(settings.jobs_home), "servers": settings.servers,
-                "auth": settings.api_key is not None, "actions": settings.api_key is not None}
+    def info(request: Request) -> dict:
+        """Whether a key is needed (for anyone); where the data comes from (for those with it)."""
+        public = {"auth": settings.api_key is not None, "actions": settings.api_key is not None}
+        if not authorized(request):
+            return public
+        return {**public, "runs": str(settings.runs), "jobs_home": str(settings.jobs_home), "servers": settings.servers}
 
     @app.get("/api/runs")
     def runs() -> list[dict]:

@@ -30,8 +30,8 @@ function h(tag, attrs, ...kids) {
 function num(v, digits = 3) {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
   const a = Math.abs(v);
+  if (Number.isInteger(v) && a < 1e15) return v.toLocaleString("en");
   if (a !== 0 && (a >= 1e6 || a < 1e-3)) return v.toExponential(2);
-  if (Number.isInteger(v)) return v.toLocaleString("en");
   return v.toLocaleString("en", { maximumSignificantDigits: digits });
 }
 function si(v) {
@@ -62,11 +62,15 @@ function kv(pairs) {
 }
 
 async function api(path, options = {}) {
-  const headers = Object.assign({}, options.headers || {});
+  const headers = Object.assign({}, options.headers || {}), used = key;
   if (key) headers["Authorization"] = "Bearer " + key;
   if (options.body) headers["Content-Type"] = "application/json";
   const r = await fetch(path, Object.assign({}, options, { headers }));
-  if (r.status === 401) { askKey("this dashboard needs its API key"); throw new Error("API key needed"); }
+  if (r.status === 401) {
+    if (used !== key) return api(path, options);  // a key was given while this was on its way
+    askKey(used ? "that key was refused; enter the dashboard's API key" : "this dashboard needs its API key");
+    throw new Error("API key needed");
+  }
   if (options.raw) return r;
   const body = await r.json().catch(() => ({ error: r.statusText }));
   if (!r.ok) throw new Error(body.error || r.statusText);
@@ -95,6 +99,25 @@ function ticks(lo, hi, n = 5) {
   return out;
 }
 
+// Screen points of a series; beyond two per pixel column, each column keeps its lowest and
+// highest point (in their order), so a long run draws fast and its spikes stay visible.
+function thin(xs, ys, px, py, width) {
+  const all = [];
+  xs.forEach((x, i) => { const y = ys[i]; if (y !== null && isFinite(y)) all.push([px(x), py(y)]); });
+  if (all.length <= 2 * width) return all;
+  const out = [];
+  let col = null, lo = null, hi = null;
+  const flush = () => { if (lo) { if (lo === hi) out.push(lo); else out.push(...(lo[0] <= hi[0] ? [lo, hi] : [hi, lo])); } };
+  for (const p of all) {
+    const c = Math.floor(p[0]);
+    if (c !== col) { flush(); col = c; lo = hi = p; continue; }
+    if (p[1] > lo[1]) lo = p;  // screen y grows downwards: the lowest value has the largest y
+    if (p[1] < hi[1]) hi = p;
+  }
+  flush();
+  return out;
+}
+
 // series: [{name, xs, ys, color, dash}] -> an SVG line chart; `data-points` counts the drawn points.
 function chart(title, series, opts = {}) {
   const W = opts.width || 440, H = opts.height || 240, L = 56, R = 12, T = 24, B = 34;
@@ -120,8 +143,7 @@ function chart(title, series, opts = {}) {
   svg.append(h("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
   svg.append(h("text", { x: W - R, y: H - 4, "text-anchor": "end", text: opts.xlabel || "step" }));
   series.forEach((s, k) => {
-    const pts = [];
-    s.xs.forEach((x, i) => { const y = s.ys[i]; if (y !== null && isFinite(y)) pts.push(`${px(x).toFixed(1)},${py(y).toFixed(1)}`); });
+    const pts = thin(s.xs, s.ys, px, py, W - L - R).map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`);
     points += pts.length;
     const color = s.color || COLORS[k % COLORS.length];
     svg.append(h("polyline", { points: pts.join(" "), fill: "none", stroke: color, "stroke-width": 1.5,
@@ -134,35 +156,37 @@ function chart(title, series, opts = {}) {
     }
   });
   svg.setAttribute("data-points", String(points));
+  svg.setAttribute("data-last-x", String(Math.max(...xs)));
   return svg;
 }
 
-// Memory per rank from layout.json: model state (params, grads, optimizer) and peak memory.
+// Memory per rank from layout.json: model state (params, grads, optimizer) and peak memory,
+// each rank a labelled line and two bars on one scale.
 function memoryChart(perRank) {
   const kinds = [["params", "#1849a9"], ["grads", "#9e77ed"], ["optimizer", "#0e9384"]];
-  const W = 440, rowH = 22, L = 56, R = 90, H = 40 + rowH * perRank.length * 2;
+  const W = 440, L = 12, R = 12, rowH = 46, H = 44 + rowH * perRank.length;
   const peak = r => r.peak_cuda || r.peak_rss || 0;
-  const max = Math.max(1, ...perRank.map(r => Math.max(kinds.reduce((a, [k]) => a + (r[k] || 0), 0), peak(r))));
-  const sx = v => v / max * (W - L - R);
+  const state = r => kinds.reduce((a, [k]) => a + (r[k] || 0), 0);
+  const max = Math.max(1, ...perRank.map(r => Math.max(state(r), peak(r))));
+  const sx = v => Math.max(v > 0 ? 1 : 0, v / max * (W - L - R));
   const svg = h("svg", { class: "chart", width: W, height: H, role: "img", "aria-label": "memory per rank" },
     h("text", { class: "title", x: L, y: 15, text: "memory per rank" }));
   perRank.forEach((r, i) => {
-    const y = 28 + i * rowH * 2;
-    svg.append(h("text", { x: L - 6, y: y + 13, "text-anchor": "end", text: "rank " + i }));
+    const y = 24 + i * rowH;
+    svg.append(h("text", { x: L, y: y + 10, text: `rank ${i}: params ${bytes(r.params)}, grads ${bytes(r.grads)}, ` +
+      `optimizer ${bytes(r.optimizer)}; ${r.peak_cuda ? "peak GPU" : "peak RSS"} ${bytes(peak(r))}` }));
     let x = L;
     for (const [k, color] of kinds) {
       const w = sx(r[k] || 0);
-      svg.append(h("rect", { x, y, width: Math.max(w, 0), height: rowH - 6, fill: color }, h("title", { text: `${k} ${bytes(r[k])}` })));
+      svg.append(h("rect", { x, y: y + 15, width: w, height: 10, fill: color }, h("title", { text: `${k} ${bytes(r[k])}` })));
       x += w;
     }
-    const total = kinds.reduce((a, [k]) => a + (r[k] || 0), 0);
-    svg.append(h("text", { x: x + 4, y: y + 12, text: "state " + bytes(total) }));
-    svg.append(h("rect", { x: L, y: y + rowH - 3, width: sx(peak(r)), height: rowH - 10, fill: "#f79009" },
-      h("title", { text: `peak ${bytes(peak(r))}` })));
-    svg.append(h("text", { x: L + sx(peak(r)) + 4, y: y + rowH + 8, text: (r.peak_cuda ? "peak GPU " : "peak RSS ") + bytes(peak(r)) }));
+    svg.append(h("rect", { x: L, y: y + 28, width: sx(peak(r)), height: 10, fill: "#f79009" }, h("title", { text: `peak ${bytes(peak(r))}` })));
   });
   const ly = H - 8;
-  kinds.forEach(([k, color], i) => { svg.append(h("rect", { x: L + i * 90, y: ly - 9, width: 10, height: 10, fill: color }), h("text", { x: L + 14 + i * 90, y: ly, text: k })); });
+  [...kinds, ["peak", "#f79009"]].forEach(([k, color], i) => {
+    svg.append(h("rect", { x: L + i * 90, y: ly - 9, width: 10, height: 10, fill: color }), h("text", { x: L + 14 + i * 90, y: ly, text: k }));
+  });
   return svg;
 }
 
@@ -180,7 +204,7 @@ async function runsPage() {
     h("a", { href: "#/runs/" + encodeURIComponent(r.name), text: r.name }), state(r.state), r.model, si(r.params),
     r.layout || "–", `${num(r.step)} / ${num(r.steps)}`, si(r.tokens), num(r.loss, 4), num(r.val_loss, 4), pct(r.mfu),
     si(r.tokens_per_s), String(r.checkpoints), String(r.adapters), when(r.updated)]);
-  show(h("h1", { text: "Runs" }), h("p", { class: "muted", text: `run directories under ${info.runs}` }),
+  show(h("h1", { text: "Runs" }), h("p", { class: "muted", text: `run directories under ${info.runs || "the runs directory"}` }),
     runs.length ? table(["", "run", "state", "model", "params", "layout", "step", "tokens", "loss", "val loss", "MFU", "tok/s", "ckpts", "adapters", "updated"], rows, [4, 6, 7, 8, 9, 10, 11, 12, 13])
       : h("p", { text: "No runs yet: `stoker train` writes one (train.out_dir) under this directory." }),
     h("div", { class: "toolbar" }, compare, h("span", { class: "muted", text: "pick two or more runs to plot their losses together" })));
@@ -223,7 +247,7 @@ async function runPage(name) {
   };
   const drawHead = () => head.replaceChildren(kv([
     ["state", state(run.state)], ["model", `${run.model}, ${si(run.params)} parameters`],
-    ["layout", `${run.layout || "–"}${run.world ? ` (${run.world} processes)` : ""}`], ["tuning", run.method],
+    ["layout", `${run.layout || "–"}${run.world > 1 ? ` (${run.world} processes)` : ""}`], ["tuning", run.method],
     ["step", `${num(run.step)} of ${num(run.steps)}`], ["tokens", si(run.tokens)], ["loss", num(run.loss, 4)],
     ["validation loss", num(run.val_loss, 4)], ["MFU", pct(run.mfu)], ["tokens/s", si(run.tokens_per_s)]]));
   drawHead(); draw();
@@ -282,7 +306,8 @@ async function jobsPage() {
         q.borrowing_limit === null ? "none" : String(q.borrowing_limit), String(q.running), String(q.waiting), q.strategy]), [2, 3, 4, 5, 6, 7]);
     const rows = j.jobs.slice().reverse().map(x => [h("a", { href: "#/jobs/" + x.id, text: String(x.id) }), x.name, state(x.state), x.queue, x.priority,
       String(x.slots), x.backend + (x.remote_id ? " " + x.remote_id : ""), when(x.submitted),
-      x.why ? h("span", { class: "why-text", "data-job": x.id, text: x.why.join("; ") }) : (x.reason || "")]);
+      x.why ? h("span", { class: "why-text", "data-job": x.id, text: x.why.join("; ") })
+        : x.reason || (x.state === "running" ? "running since " + when(x.started) : "")]);
     return [h("h1", { text: "Jobs" }), h("p", { class: "muted", text: `job store ${j.home}` }), h("h2", { text: "Queues" }), queues,
       h("h2", { text: "Jobs" }), rows.length ? table(["id", "name", "state", "queue", "priority", "slots", "backend", "submitted", "why / reason"], rows, [5])
         : h("p", { text: "No jobs." })];
@@ -339,8 +364,11 @@ async function modelsPage() {
     const temperature = h("input", { type: "number", id: `temperature-${i}`, value: 0, min: 0, max: 2, step: 0.1 });
     const out = h("pre", { id: `output-${i}`, class: "output" }), note = h("span", { class: "muted", id: `playground-status-${i}` });
     const send = h("button", { class: "primary", id: `send-${i}`, onclick: () => stream(i, select.value, prompt.value, +maxTokens.value, +temperature.value, out, note, send) }, "Send");
-    const modelsTable = s.ok ? table(["model", "base", "loaded", "context"], s.models.map(m => [m.id, m.parent || "–", m.loaded ? "yes" : "no", String(m.context_length)]), [3])
-      : h("p", { class: "error", text: s.error });
+    const modelsTable = h("div", { id: `models-${i}` });
+    s.drawModels = (now) => modelsTable.replaceChildren(now.ok
+      ? table(["model", "base", "loaded", "context"], now.models.map(m => [m.id, m.parent || "–", m.loaded ? "yes" : "no", String(m.context_length)]), [3])
+      : h("p", { class: "error", text: now.error }));
+    s.drawModels(s);
     s.draw = () => {
       const d = series[i];
       const per = (key) => models.map((m, k) => ({ name: m, xs: d.t, ys: d.t.map((_, j) => (d.models[m] || [])[j]?.[key] ?? null), color: COLORS[k % COLORS.length] }));
@@ -357,7 +385,9 @@ async function modelsPage() {
   });
   show(h("h1", { text: "Models" }), ...boxes);
   const t0 = Date.now() / 1000;
+  let polls = 0;
   const pull = async () => {
+    if (++polls % 5 === 0) (await api("/api/serve")).forEach((now, i) => list[i].drawModels(now));  // loaded or not
     await Promise.all(list.map(async (s, i) => {
       const m = await api(`/api/serve/${i}/metrics`);
       const d = series[i];
@@ -444,9 +474,9 @@ async function start() {
     key = document.getElementById("key-input").value.trim();
     localStorage.setItem("stoker-dashboard-key", key);
     document.getElementById("key-form").classList.add("hidden");
-    route();
+    api("/api/info").then(i => { info = i; route(); }, () => route());
   });
-  info = await (await fetch("/api/info")).json();
+  info = await api("/api/info").catch(() => info);
   if (info.auth && !key) askKey("this dashboard needs its API key");
   window.addEventListener("hashchange", route);
   route();
