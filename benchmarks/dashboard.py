@@ -28,7 +28,7 @@ from stoker.serve.server import BackgroundServer
 def fake_run(path: Path, steps: int, eval_every: int = 100) -> None:
     """A run directory as `stoker train` leaves it: config, model, layout, metrics."""
     path.mkdir(parents=True)
-    (path / "config.toml").write_text(f'[model]\npreset = "debug"\n[train]\nsteps = {steps}\nbatch_size = 8\nseq_len = 64\n')
+    (path / "config.toml").write_text(f'[model]\npreset = "debug"\n[train]\nsteps = {steps + 100}\nbatch_size = 8\nseq_len = 64\n')
     (path / "model.json").write_text(json.dumps({"n_layer": 4, "n_embd": 32, "n_head": 4, "vocab_size": 512, "block_size": 64}))
     (path / "layout.json").write_text(json.dumps({"layout": "single process", "world": 1, "per_rank": [
         {"params": 277248, "grads": 277248, "optimizer": 554496, "peak_rss": 345645056}]}))
@@ -60,9 +60,10 @@ def api_figures(c: TestClient, name: str, path: Path) -> dict:
     t_first, r = timed(first)
     t_cached, _ = timed(lambda: c.get(f"/api/runs/{name}/metrics"))
     m = r.json()
+    last = m["train"]["step"][-1]
     with open(path / "metrics.jsonl", "a") as f:
-        for s in range(100):
-            f.write(json.dumps({"step": 10**9 + s, "loss": 2.0}) + "\n")
+        for s in range(last + 1, last + 101):
+            f.write(json.dumps({"step": s, "loss": 2.0}) + "\n")
     t_poll, p = timed(lambda: c.get(f"/api/runs/{name}/metrics?offset={m['offset']}&inode={m['inode']}"))
     assert len(p.json()["train"]["step"]) == 100
     return {"metrics_first_s": t_first, "metrics_cached_s": t_cached, "poll_100_lines_s": t_poll,

@@ -51,6 +51,10 @@ function when(t) {
   const clock = d.toLocaleTimeString("en-GB");
   return s < 86400 ? clock : d.toISOString().slice(0, 10) + " " + clock;
 }
+// A command line as a shell would take it back: arguments with spaces or quotes in single quotes.
+function shellJoin(args) {
+  return args.map(a => /^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'").join(" ");
+}
 function state(s) { return h("span", { class: "state " + s, text: s }); }
 function table(head, rows, numeric = []) {
   return h("table", {}, h("thead", {}, h("tr", {}, head.map(c => h("th", { text: c })))),
@@ -193,9 +197,8 @@ function memoryChart(perRank) {
 // --- pages --------------------------------------------------------------------------------
 
 const main = () => document.getElementById("main");
-function show(...nodes) { main().replaceChildren(...nodes); }
 
-async function runsPage() {
+async function runsPage(view) {
   const runs = await api("/api/runs");
   const picked = new Set();
   const compare = h("button", { disabled: true, id: "compare", onclick: () => { location.hash = "#/compare/" + [...picked].map(encodeURIComponent).join(","); } }, "Compare selected");
@@ -204,7 +207,7 @@ async function runsPage() {
     h("a", { href: "#/runs/" + encodeURIComponent(r.name), text: r.name }), state(r.state), r.model, si(r.params),
     r.layout || "–", `${num(r.step)} / ${num(r.steps)}`, si(r.tokens), num(r.loss, 4), num(r.val_loss, 4), pct(r.mfu),
     si(r.tokens_per_s), String(r.checkpoints), String(r.adapters), when(r.updated)]);
-  show(h("h1", { text: "Runs" }), h("p", { class: "muted", text: `run directories under ${info.runs || "the runs directory"}` }),
+  view.replaceChildren(h("h1", { text: "Runs" }), h("p", { class: "muted", text: `run directories under ${info.runs || "the runs directory"}` }),
     runs.length ? table(["", "run", "state", "model", "params", "layout", "step", "tokens", "loss", "val loss", "MFU", "tok/s", "ckpts", "adapters", "updated"], rows, [4, 6, 7, 8, 9, 10, 11, 12, 13])
       : h("p", { text: "No runs yet: `stoker train` writes one (train.out_dir) under this directory." }),
     h("div", { class: "toolbar" }, compare, h("span", { class: "muted", text: "pick two or more runs to plot their losses together" })));
@@ -228,7 +231,7 @@ function metricsFeed(name) {
   return feed;
 }
 
-async function runPage(name) {
+async function runPage(view, name) {
   const path = encodeURIComponent(name).replace(/%2F/g, "/");
   const feed = metricsFeed(name);
   let run = await api("/api/runs/" + path);
@@ -255,7 +258,7 @@ async function runPage(name) {
     : h("p", { class: "muted", text: "no checkpoints yet" });
   const adapters = run.adapter_list.length ? table(["adapter", "kind", "rank / virtual tokens", "tasks", "size"], run.adapter_list.map(a => [a.name, a.kind, String(a.rank ?? a.virtual_tokens ?? "–"), a.tasks.join(", ") || "–", bytes(a.bytes)]))
     : h("p", { class: "muted", text: "no adapters (a tuning run writes them under adapters/)" });
-  show(h("h1", {}, h("a", { href: "#/runs", text: "Runs" }), " / ", name), head, h("h2", { text: "Curves" }), charts,
+  view.replaceChildren(h("h1", {}, h("a", { href: "#/runs", text: "Runs" }), " / ", name), head, h("h2", { text: "Curves" }), charts,
     h("h2", { text: "Checkpoints" }), ckpts, h("h2", { text: "Adapters" }), adapters,
     h("h2", { text: "Config" }), h("pre", { id: "config", text: toml(run.config) }));
   let ticksSinceHead = 0;
@@ -277,7 +280,7 @@ function toml(cfg) {
   return out.join("\n") || "(no config.toml)";
 }
 
-async function comparePage(names) {
+async function comparePage(view, names) {
   const feeds = names.map(n => ({ name: n, feed: metricsFeed(n) }));
   await Promise.all(feeds.map(f => f.feed.pull()));
   const box = h("div", { class: "charts" });
@@ -293,11 +296,11 @@ async function comparePage(names) {
     box.firstChild.id = "compare-chart";
   };
   draw();
-  show(h("h1", {}, h("a", { href: "#/runs", text: "Runs" }), " / compare"), h("p", { class: "muted", text: names.join(" · ") }), box);
+  view.replaceChildren(h("h1", {}, h("a", { href: "#/runs", text: "Runs" }), " / compare"), h("p", { class: "muted", text: names.join(" · ") }), box);
   return async () => { let n = 0; for (const f of feeds) n += await f.feed.pull(); if (n) draw(); };
 }
 
-async function jobsPage() {
+async function jobsPage(view) {
   const draw = async () => {
     const j = await api("/api/jobs");
     if (!j.exists) return [h("h1", { text: "Jobs" }), h("p", { text: `No job store at ${j.home} yet: \`stoker jobs submit\` makes one.` })];
@@ -312,11 +315,11 @@ async function jobsPage() {
       h("h2", { text: "Jobs" }), rows.length ? table(["id", "name", "state", "queue", "priority", "slots", "backend", "submitted", "why / reason"], rows, [5])
         : h("p", { text: "No jobs." })];
   };
-  show(...await draw());
-  return async () => show(...await draw());
+  view.replaceChildren(...await draw());
+  return async () => view.replaceChildren(...await draw());
 }
 
-async function jobPage(id) {
+async function jobPage(view, id) {
   const log = h("pre", { id: "log" }), body = h("div", {}), msg = h("span", { id: "action-message" });
   const act = async (action) => {
     try {
@@ -332,7 +335,7 @@ async function jobPage(id) {
   const draw = async () => {
     const [j, l] = await Promise.all([api("/api/jobs/" + id), api(`/api/jobs/${id}/log`)]);
     body.replaceChildren(kv([["state", state(j.state)], ["name", j.name], ["queue", j.queue], ["priority", `${j.priority} (${j.priority_value})`],
-      ["slots", String(j.slots)], ["backend", j.backend + (j.remote_id ? " " + j.remote_id : "")], ["command", h("code", { text: j.command.join(" ") })],
+      ["slots", String(j.slots)], ["backend", j.backend + (j.remote_id ? " " + j.remote_id : "")], ["command", h("code", { text: shellJoin(j.command) })],
       ["workdir", j.workdir || "–"], ["attempt", String(j.attempt)], ["restarts / preemptions", `${j.restarts} / ${j.preemptions}`],
       ["exit code", j.exit_code === null ? "–" : String(j.exit_code)], ["submitted", when(j.submitted)], ["started", when(j.started)], ["finished", when(j.finished)]]),
       h("h2", { text: "Why" }), h("ul", { class: "why", id: "why" }, j.why.map(w => h("li", { text: w }))),
@@ -343,14 +346,14 @@ async function jobPage(id) {
     if (atEnd) log.scrollTop = log.scrollHeight;
   };
   await draw();
-  show(h("h1", {}, h("a", { href: "#/jobs", text: "Jobs" }), ` / job ${id}`), buttons, body, log);
+  view.replaceChildren(h("h1", {}, h("a", { href: "#/jobs", text: "Jobs" }), ` / job ${id}`), buttons, body, log);
   return draw;
 }
 
-async function modelsPage() {
+async function modelsPage(view) {
   const list = await api("/api/serve");
   if (!list.length) {
-    show(h("h1", { text: "Models" }), h("p", { text: "This dashboard watches no server: start it with --serve http://127.0.0.1:8000 (repeat for more)." }));
+    view.replaceChildren(h("h1", { text: "Models" }), h("p", { text: "This dashboard watches no server: start it with --serve http://127.0.0.1:8000 (repeat for more)." }));
     return null;
   }
   const series = list.map(() => ({ t: [], models: {} }));  // samples of /metrics, this page's own memory
@@ -383,7 +386,7 @@ async function modelsPage() {
       h("div", { class: "playground" }, h("div", { class: "toolbar" }, h("label", {}, "model ", select),
         h("label", {}, "max tokens ", maxTokens), h("label", {}, "temperature ", temperature), send, note), prompt, out));
   });
-  show(h("h1", { text: "Models" }), ...boxes);
+  view.replaceChildren(h("h1", { text: "Models" }), ...boxes);
   const t0 = Date.now() / 1000;
   let polls = 0;
   const pull = async () => {
@@ -435,35 +438,40 @@ async function stream(i, model, prompt, maxTokens, temperature, out, note, butto
 
 // --- routing ------------------------------------------------------------------------------
 
+let routeSeq = 0;  // the newest navigation; a slower, older one never draws over it
+
 async function route() {
   if (poller) { clearInterval(poller.timer); poller = null; }
+  const me = ++routeSeq, view = h("div", {});
   const parts = (location.hash || "#/runs").slice(2).split("/");
   const page = parts[0] || "runs", rest = parts.slice(1).join("/");
   for (const n of ["runs", "jobs", "models"]) document.getElementById("nav-" + n).classList.toggle("active", n === page || (n === "runs" && page === "compare"));
   let refresh = null;
   try {
-    if (page === "runs" && rest) refresh = await runPage(decodeURIComponent(rest));
-    else if (page === "runs") refresh = await runsPage();
-    else if (page === "compare") refresh = await comparePage(rest.split(",").map(decodeURIComponent));
-    else if (page === "jobs" && rest) refresh = await jobPage(+rest);
-    else if (page === "jobs") refresh = await jobsPage();
-    else if (page === "models") refresh = await modelsPage();
-    else show(h("p", { text: "No such page." }));
-    setStatus("updated " + new Date().toLocaleTimeString("en-GB"));
+    if (page === "runs" && rest) refresh = await runPage(view, decodeURIComponent(rest));
+    else if (page === "runs") refresh = await runsPage(view);
+    else if (page === "compare") refresh = await comparePage(view, rest.split(",").map(decodeURIComponent));
+    else if (page === "jobs" && rest) refresh = await jobPage(view, +rest);
+    else if (page === "jobs") refresh = await jobsPage(view);
+    else if (page === "models") refresh = await modelsPage(view);
+    else view.replaceChildren(h("p", { text: "No such page." }));
+    if (me === routeSeq) setStatus("updated " + new Date().toLocaleTimeString("en-GB"));
   } catch (e) {
-    show(h("p", { class: "error", text: e.message }));
-    setStatus(e.message, true);
+    view.replaceChildren(h("p", { class: "error", text: e.message }));
+    if (me === routeSeq) setStatus(e.message, true);
   }
+  if (me !== routeSeq) return;
+  main().replaceChildren(view);
   if (refresh) {
-    const me = { timer: null, busy: false };
-    me.timer = setInterval(async () => {
-      if (me.busy) return;
-      me.busy = true;
+    const self = { timer: null, busy: false };
+    self.timer = setInterval(async () => {
+      if (self.busy) return;
+      self.busy = true;
       try { await refresh(); setStatus("updated " + new Date().toLocaleTimeString("en-GB")); }
       catch (e) { setStatus(e.message, true); }
-      finally { me.busy = false; }
+      finally { self.busy = false; }
     }, POLL_MS);
-    poller = me;
+    poller = self;
   }
   document.body.setAttribute("data-page", page);
 }
