@@ -215,10 +215,12 @@ class RunDir:
 
         out = []
         for p in list_checkpoints(self.path):
-            files = [f for f in p.iterdir() if f.is_file()]
-            out.append({"name": p.name, "step": int(p.name.split("_")[-1]),
-                        "bytes": sum(f.stat().st_size for f in files),
-                        "time": max((f.stat().st_mtime for f in files), default=0.0)})
+            try:  # one being rotated away as we look is skipped
+                stats = [f.stat() for f in p.iterdir() if f.is_file()]
+            except OSError:
+                continue
+            out.append({"name": p.name, "step": int(p.name.split("_")[-1]), "bytes": sum(st.st_size for st in stats),
+                        "time": max((st.st_mtime for st in stats), default=0.0)})
         return out
 
     def adapters(self) -> list[dict]:
@@ -230,6 +232,10 @@ class RunDir:
         out = []
         for d in dirs:
             cfg = RunDir(d)._json("adapter_config.json")
+            try:
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            except OSError:
+                continue
             if cfg is None:
                 continue
             try:
@@ -239,7 +245,7 @@ class RunDir:
             out.append({"name": d.relative_to(self.path).as_posix(), "kind": str(cfg.get("peft_type", "?")),
                         "rank": cfg.get("r"), "virtual_tokens": cfg.get("num_virtual_tokens"),
                         "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
-                        "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file())})
+                        "bytes": size})
         return out
 
     def state(self) -> str:
@@ -268,10 +274,7 @@ class RunDir:
         train, val = m["train"], m["val"]
         steps = cfg.get("train", {})
         tokens = (train["step"][-1] * steps.get("batch_size", 0) * steps.get("seq_len", 0)) if train["step"] else 0
-        try:
-            updated = max(os.stat(self.path / f).st_mtime for f in RUN_FILES if (self.path / f).exists())
-        except ValueError:
-            updated = None
+        updated = max((st.st_mtime for f in RUN_FILES if (st := _stat(self.path / f))), default=None)
         return {
             "name": self.name, "state": self.state(), "updated": updated,
             "model": _describe_model(cfg, model), "params": _count(model),
@@ -283,6 +286,13 @@ class RunDir:
             "mfu": _mean_tail(train["mfu"]), "tokens_per_s": _mean_tail(train["tokens_per_s"]),
             "checkpoints": len(self.checkpoints()), "adapters": len(self.adapters()),
         }
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
 
 
 def _finite(v):

@@ -57,6 +57,8 @@ def test_runs_table_and_detail_agree_with_the_run_directory(runs_root, tmp_path)
     # Nothing new since: the next poll is empty.
     again = c.get(f"/api/runs/short/metrics?offset={m['offset']}&inode={m['inode']}").json()
     assert again["train"]["step"] == [] and not again["reset"]
+    for bad in ("offset=-1", "offset=x", "inode=-5"):
+        assert c.get(f"/api/runs/short/metrics?{bad}").status_code == 422
 
 
 def _model(run):
@@ -274,6 +276,11 @@ def test_served_models_metrics_and_a_streamed_playground(server, runs_root, tmp_
     assert c.post("/api/serve/0/completions", json={"prompt": ""}).status_code == 422
     assert c.post("/api/serve/0/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 422
     assert c.post("/api/serve/0/completions", json={"prompt": "x", "bogus": 1}).status_code == 422
+    # A key the server refuses is the dashboard's configuration, not the browser's: 502, not 401.
+    wrong = client(Settings(runs_root, jobs_home=tmp_path / "none", servers=[server], api_key=KEY, serve_api_key="nope"))
+    assert "API key" in wrong.get("/api/serve").json()[0]["error"]
+    r = wrong.post("/api/serve/0/completions", json={"prompt": "x"})
+    assert r.status_code == 502 and "401" in r.json()["error"]
 
 
 def test_parse_metrics_reads_the_servers_exposition():

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -148,7 +148,11 @@ def job_log(settings: Settings, job_id: int, tail: int = LOG_TAIL_BYTES) -> dict
     if c is None:
         raise DashboardError(404, f"no job store at {settings.jobs_home}")
     try:
+        info = c.store.get(job_id, history=False)
         path = c.log_path(job_id)
+        if info.backend != "local" and info.remote_id:  # the cluster may keep them (Kubernetes: the pods')
+            data = "".join(c.logs(job_id)).encode()
+            return {"text": data[-tail:].decode(errors="replace"), "bytes": len(data), "truncated": len(data) > tail}
     except ConfigError as e:
         raise DashboardError(404, str(e)) from None
     finally:
@@ -286,8 +290,9 @@ def playground(settings: Settings, index: int, req: Playground):
             "temperature": req.temperature, "stream": True}
     try:
         upstream = c._open("/v1/completions", body)
-    except ServeError as e:
-        raise DashboardError(e.status if 400 <= e.status < 500 else 502, e.message) from None
+    except ServeError as e:  # the request's fault passes through; the server's, or a key it refuses, is a 502
+        client_fault = 400 <= e.status < 500 and e.status not in (401, 403)
+        raise DashboardError(e.status if client_fault else 502, f"the server answered {e.status}: {e.message}") from None
     except (urllib.error.URLError, OSError) as e:
         raise DashboardError(502, f"cannot reach the server ({getattr(e, 'reason', None) or e})") from None
 
@@ -375,7 +380,7 @@ def create_app(settings: Settings, allowed_hosts: set[str] | None = None) -> Fas
         return [r.summary() for r in find_runs(settings.runs)] if settings.runs.is_dir() else []
 
     @app.get("/api/runs/{name:path}/metrics")
-    def metrics(name: str, offset: int = 0, inode: int | None = None) -> dict:
+    def metrics(name: str, offset: int = Query(0, ge=0), inode: int | None = Query(None, ge=0)) -> dict:
         return run_at(settings, name).metrics(offset, inode)
 
     @app.get("/api/runs/{name:path}")
