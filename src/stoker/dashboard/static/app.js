@@ -103,6 +103,12 @@ function ticks(lo, hi, n = 5) {
   return out;
 }
 
+function extent(values) {  // [min, max] without spreading (an argument list has a size limit)
+  let lo = Infinity, hi = -Infinity;
+  for (const v of values) { if (v < lo) lo = v; if (v > hi) hi = v; }
+  return [lo, hi];
+}
+
 // Screen points of a series; beyond two per pixel column, each column keeps its lowest and
 // highest point (in their order), so a long run draws fast and its spikes stay visible.
 function thin(xs, ys, px, py, width) {
@@ -134,7 +140,7 @@ function chart(title, series, opts = {}) {
     svg.setAttribute("data-points", "0");
     return svg;
   }
-  let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  let [x0, x1] = extent(xs), [y0, y1] = extent(ys);
   if (opts.zero) y0 = Math.min(0, y0);
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   if (y1 === y0) { const d = Math.abs(y0) * 0.05 || 1; y0 -= d; y1 += d; }
@@ -152,7 +158,7 @@ function chart(title, series, opts = {}) {
     const color = s.color || COLORS[k % COLORS.length];
     svg.append(h("polyline", { points: pts.join(" "), fill: "none", stroke: color, "stroke-width": 1.5,
       "stroke-dasharray": s.dash ? "5 3" : null, "data-series": s.name }));
-    if (pts.length === 1 || s.markers) for (const p of pts) { const [cx, cy] = p.split(","); svg.append(h("circle", { cx, cy, r: 2.5, fill: color })); }
+    if (pts.length === 1 || (s.markers && pts.length <= 300)) for (const p of pts) { const [cx, cy] = p.split(","); svg.append(h("circle", { cx, cy, r: 2.5, fill: color })); }
     if (series.length > 1 || s.name) {
       const ly = T + 4 + 14 * k;
       svg.append(h("line", { x1: W - R - 120, x2: W - R - 104, y1: ly, y2: ly, stroke: color, "stroke-width": 2, "stroke-dasharray": s.dash ? "5 3" : null }));
@@ -160,7 +166,7 @@ function chart(title, series, opts = {}) {
     }
   });
   svg.setAttribute("data-points", String(points));
-  svg.setAttribute("data-last-x", String(Math.max(...xs)));
+  svg.setAttribute("data-last-x", String(extent(xs)[1]));
   return svg;
 }
 
@@ -222,8 +228,8 @@ function metricsFeed(name) {
     const m = await api(`/api/runs/${encodeURIComponent(name).replace(/%2F/g, "/")}/metrics${q}`);
     if (m.reset || !feed.train) { feed.train = m.train; feed.val = m.val; }
     else {
-      for (const k in m.train) feed.train[k].push(...m.train[k]);
-      for (const k in m.val) feed.val[k].push(...m.val[k]);
+      for (const k in m.train) for (const x of m.train[k]) feed.train[k].push(x);  // no spread: a long gap may bring 100k+
+      for (const k in m.val) for (const x of m.val[k]) feed.val[k].push(x);
     }
     feed.offset = m.offset; feed.inode = m.inode;
     return m.train.step.length + m.val.step.length;
