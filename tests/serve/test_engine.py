@@ -281,6 +281,18 @@ def test_packed_linears_agree_with_plain_ones(sharp_model, dtype, tol):
     assert (out[0].argmax(-1) == out[1].argmax(-1)).float().mean() >= (1.0 if dtype == torch.float32 else 0.9)
 
 
+def test_packed_mlp_runs_gelu_inside_its_first_matmul(sharp_model):
+    """The serving path's MLP hands GELU to the packed matmul's kernel: no separate GELU pass
+    over the activations (it was lost once, unnoticed, costing 3% of a decode step)."""
+    from torch.profiler import profile
+
+    model = packed(deepcopy(sharp_model[0]))
+    with torch.inference_mode(), profile() as prof:
+        model(torch.zeros(2, 4, dtype=torch.long))
+    names = {e.name for e in prof.events()}
+    assert "mkldnn::_linear_pointwise" in names and "aten::gelu" not in names
+
+
 def test_chunked_prefill_and_the_prefix_cache_give_the_whole_prompts_cache(sharp_model):
     from stoker.models.gpt import KVCache
     from stoker.serve.engine import PrefixCache

@@ -452,6 +452,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
+    takes_gelu = True  # MLP hands it the activation to fuse
+
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """x @ weight.T + bias; gelu: then GELU (tanh form), in the same kernel."""
         if gelu:
