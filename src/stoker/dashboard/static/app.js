@@ -205,19 +205,23 @@ function memoryChart(perRank) {
 const main = () => document.getElementById("main");
 
 async function runsPage(view) {
-  const runs = await api("/api/runs");
-  const picked = new Set();
+  const picked = new Set();  // kept across refreshes
   const compare = h("button", { disabled: true, id: "compare", onclick: () => { location.hash = "#/compare/" + [...picked].map(encodeURIComponent).join(","); } }, "Compare selected");
-  const rows = runs.map(r => [
-    h("input", { type: "checkbox", "data-run": r.name, onchange: e => { e.target.checked ? picked.add(r.name) : picked.delete(r.name); compare.disabled = picked.size < 2; } }),
-    h("a", { href: "#/runs/" + encodeURIComponent(r.name), text: r.name }), state(r.state), r.model, si(r.params),
-    r.layout || "–", `${num(r.step)} / ${num(r.steps)}`, si(r.tokens), num(r.loss, 4), num(r.val_loss, 4), pct(r.mfu),
-    si(r.tokens_per_s), String(r.checkpoints), String(r.adapters), when(r.updated)]);
-  view.replaceChildren(h("h1", { text: "Runs" }), h("p", { class: "muted", text: `run directories under ${info.runs || "the runs directory"}` }),
-    runs.length ? table(["", "run", "state", "model", "params", "layout", "step", "tokens", "loss", "val loss", "MFU", "tok/s", "ckpts", "adapters", "updated"], rows, [4, 6, 7, 8, 9, 10, 11, 12, 13])
-      : h("p", { text: "No runs yet: `stoker train` writes one (train.out_dir) under this directory." }),
-    h("div", { class: "toolbar" }, compare, h("span", { class: "muted", text: "pick two or more runs to plot their losses together" })));
-  return null;
+  const draw = async () => {
+    const runs = await api("/api/runs");
+    const rows = runs.map(r => [
+      h("input", { type: "checkbox", "data-run": r.name, checked: picked.has(r.name), onchange: e => { e.target.checked ? picked.add(r.name) : picked.delete(r.name); compare.disabled = picked.size < 2; } }),
+      h("a", { href: "#/runs/" + encodeURIComponent(r.name), text: r.name }), state(r.state), r.model, si(r.params),
+      r.layout || "–", `${num(r.step)} / ${num(r.steps)}`, si(r.tokens), num(r.loss, 4), num(r.val_loss, 4), pct(r.mfu),
+      si(r.tokens_per_s), String(r.checkpoints), String(r.adapters), when(r.updated)]);
+    view.replaceChildren(h("h1", { text: "Runs" }), h("p", { class: "muted", text: `run directories under ${info.runs || "the runs directory"}` }),
+      runs.length ? table(["", "run", "state", "model", "params", "layout", "step", "tokens", "loss", "val loss", "MFU", "tok/s", "ckpts", "adapters", "updated"], rows, [4, 6, 7, 8, 9, 10, 11, 12, 13])
+        : h("p", { text: "No runs yet: `stoker train` writes one (train.out_dir) under this directory." }),
+      h("div", { class: "toolbar" }, compare, h("span", { class: "muted", text: "pick two or more runs to plot their losses together" })));
+  };
+  await draw();
+  let ticks = 0;
+  return async () => { if (++ticks % 3 === 0) await draw(); };  // every 6 s: each run's files are read
 }
 
 // Live metrics of one run: fetches only what was appended since the last call.
