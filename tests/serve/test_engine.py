@@ -1,4 +1,5 @@
 import threading
+import time
 from copy import deepcopy
 
 import pytest
@@ -281,6 +282,30 @@ def test_packed_linears_agree_with_plain_ones(sharp_model, dtype, tol):
     assert (out[0].argmax(-1) == out[1].argmax(-1)).float().mean() >= (1.0 if dtype == torch.float32 else 0.9)
 
 
+def test_the_batch_buffer_waits_for_the_next_burst_and_a_new_row_reads_nothing_old(sharp_model):
+    """Kept after a burst and reused by the next (no new allocation), then freed when idle; a
+    sequence that joins a kept row never reads what was there, even NaN (a masked NaN key still
+    makes the softmax NaN, and a zero weight times a NaN value is NaN)."""
+    model, tok = sharp_model
+    engine = Engine(model, tok, max_batch=4, keep_slots_s=1.0)
+    prompt = tok.encode(PROMPTS[2])
+    try:
+        first = engine.generate(prompt, GREEDY)
+        kept = engine._slots
+        assert kept is not None
+        with torch.inference_mode():
+            kept.fill_(float("nan"))  # whatever an earlier request left there
+        again = engine.generate(prompt, GREEDY)
+        assert engine._slots is not None and engine._slots.data_ptr() == kept.data_ptr()  # reused, not made anew
+        assert again.token_ids == first.token_ids and again.finish_reason == first.finish_reason
+        deadline = time.time() + 15
+        while engine._slots is not None and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine._slots is None  # idle past keep_slots_s: the memory is back
+    finally:
+        engine.close()
+
+
 def test_packed_mlp_runs_gelu_inside_its_first_matmul(sharp_model):
     """The serving path's MLP hands GELU to the packed matmul's kernel: no separate GELU pass
     over the activations (it was lost once, unnoticed, costing 3% of a decode step)."""
@@ -347,7 +372,7 @@ def test_prefix_cache_and_chunked_prefill_in_the_engine(sharp_model):
 
 def test_in_throughput_mode_a_failure_in_prefill_or_decode_ends_its_own_request(sharp_model):
     model, tok = sharp_model
-    engine = Engine(model, tok, max_batch=4, prefill_chunk=5, prefix_block=4)
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=5, prefix_block=4, keep_slots_s=0.05)
     real_prefilled, real_pick, real_forward = engine._prefilled, engine._pick, model.forward_cached
 
     def prefilled(seq, n, logits):
@@ -378,6 +403,9 @@ def test_in_throughput_mode_a_failure_in_prefill_or_decode_ends_its_own_request(
         mixed.insert(5, (prompts[4][:3] + [499] + prompts[4][3:], GREEDY))
         busy = run_staggered(engine, [p for p, _ in mixed], [sp for _, sp in mixed], joins=[0, 0, 0, 0, 1, 2, 4, 4])
         after = engine.generate(prompts[0], GREEDY)
+        deadline = time.time() + 10
+        while engine._slots is not None and time.time() < deadline:  # kept 0.05 s for a next burst
+            time.sleep(0.02)
     finally:
         engine.close()
         del model.forward_cached
