@@ -313,3 +313,24 @@ def test_cli_help_and_bad_arguments(tmp_path, capsys):
     assert "--serve" in capsys.readouterr().err
     assert main(["dashboard", "--runs", str(tmp_path), "--api-key", ""]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_odd_requests_get_a_4xx_never_a_5xx(runs_root, tmp_path):
+    home = tmp_path / "jobs"
+    Client(home, autostart=False).close()  # a store...
+    (home / "queues.toml").write_text("slots = 'x'\n")  # ...whose pool does not parse
+    c = TestClient(create_app(Settings(runs_root, jobs_home=home, servers=["http://127.0.0.1:9"], api_key=KEY),
+                              allowed_hosts=LOOPBACK), base_url="http://127.0.0.1:8050", raise_server_exceptions=False)
+    c.headers["Authorization"] = f"Bearer {KEY}"
+    gets = ["/api/runs/a%00b", "/api/runs/a%00b/metrics", "/api/runs/" + "x" * 5000, "/api/runs/short/metrics?offset=1e99",
+            "/api/jobs/99999999999999999999999", "/api/jobs/0", "/api/jobs/-3/log", "/api/serve/99999999999999999999",
+            "/api/serve/-1/metrics", "/api/jobs", "/static/a%00b", "/api/nothing", "/static/"]
+    for p in gets:
+        r = c.get(p)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (p, r.status_code, r.text[:200])
+    assert "queues.toml" in c.get("/api/jobs").json()["error"]  # named, as `stoker jobs` names it
+    for p, body in [("/api/serve/0/completions", b"{"), ("/api/serve/0/completions", b"[]"),
+                    ("/api/jobs/1/cancel", b"{}"), ("/api/serve/0/completions", '{"prompt": "\\ud800"}'.encode())]:
+        r = c.post(p, content=body, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500 or r.status_code == 502, (p, body, r.status_code, r.text[:200])
+    assert c.delete("/api/runs").status_code == 405

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path as PathParam, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -74,12 +74,17 @@ def run_at(settings: Settings, name: str) -> RunDir:
     """The run `name` (a path relative to the runs directory), or 404: never a path outside it,
     through `..`, an absolute path or a symbolic link, never a hidden folder, never a folder
     that is not a run."""
+    missing = DashboardError(404, f"no run {name[:200]!r} under the runs directory")
     parts = name.split("/")
-    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise DashboardError(404, f"no run {name!r} under the runs directory")
-    path = (settings.runs / name).resolve()
-    if not path.is_relative_to(settings.runs) or not path.is_dir() or not is_run_dir(path):
-        raise DashboardError(404, f"no run {name!r} under the runs directory")
+    if not name or name.startswith("/") or "\\" in name or "\0" in name \
+            or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise missing
+    try:
+        path = (settings.runs / name).resolve()
+        if not path.is_relative_to(settings.runs) or not path.is_dir() or not is_run_dir(path):
+            raise missing
+    except (OSError, ValueError):  # a name too long for the file system, say
+        raise missing from None
     return RunDir(path, name)
 
 
@@ -104,7 +109,10 @@ def jobs_overview(settings: Settings) -> dict:
     if c is None:
         return {"home": str(settings.jobs_home), "exists": False, "queues": [], "jobs": []}
     try:
-        queues = [dict(vars(q), borrowed=q.borrowed) for q in c.queues()]
+        try:
+            queues = [dict(vars(q), borrowed=q.borrowed) for q in c.queues()]
+        except ConfigError as e:  # queues.toml as it is now cannot be read: say so, as `stoker jobs` does
+            raise DashboardError(409, str(e)) from None
         jobs = []
         for info in c.store.list():
             d = _job_row(info)
@@ -306,6 +314,10 @@ def playground(settings: Settings, index: int, req: Playground):
 
 # --- the app -------------------------------------------------------------------------------
 
+JOB_ID = PathParam(ge=1, le=2**63 - 1)  # SQLite's integers
+SERVER = PathParam(ge=0, le=1 << 16)
+
+
 def create_app(settings: Settings, allowed_hosts: set[str] | None = None) -> FastAPI:
     """The dashboard's ASGI app. `allowed_hosts`: Host header names accepted (default: any,
     which `dashboard()` narrows to loopback names when it listens on a loopback address)."""
@@ -392,15 +404,15 @@ def create_app(settings: Settings, allowed_hosts: set[str] | None = None) -> Fas
         return jobs_overview(settings)
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: int) -> dict:
+    def job(job_id: int = JOB_ID) -> dict:
         return job_detail(settings, job_id)
 
     @app.get("/api/jobs/{job_id}/log")
-    def log(job_id: int) -> dict:
+    def log(job_id: int = JOB_ID) -> dict:
         return job_log(settings, job_id)
 
     @app.post("/api/jobs/{job_id}/{action}")
-    def act(job_id: int, action: str) -> dict:
+    def act(action: str, job_id: int = JOB_ID) -> dict:
         if action not in ("cancel", "resubmit"):
             raise DashboardError(404, f"no action {action!r}; cancel or resubmit")
         if settings.api_key is None:
@@ -413,12 +425,12 @@ def create_app(settings: Settings, allowed_hosts: set[str] | None = None) -> Fas
         return servers(settings)
 
     @app.get("/api/serve/{index}/metrics")
-    def serve_metrics(index: int) -> dict:
+    def serve_metrics(index: int = SERVER) -> dict:
         _server(settings, index)
         return server_metrics(settings, index)
 
     @app.post("/api/serve/{index}/completions")
-    def complete(index: int, req: Playground):
+    def complete(req: Playground, index: int = SERVER):
         return playground(settings, index, req)
 
     return app
