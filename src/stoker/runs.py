@@ -143,10 +143,7 @@ class RunDir:
         self.name = name or self.path.name
 
     def _json(self, file: str) -> dict | None:
-        try:
-            value = json.loads((self.path / file).read_text())
-        except (OSError, ValueError):
-            return None
+        value = _read_json(self.path / file)
         return value if isinstance(value, dict) else None
 
     def config(self) -> dict:
@@ -169,14 +166,9 @@ class RunDir:
         `reset` is true when the file was rewritten (a resume drops the steps it repeats) and
         everything was read again."""
         path = self.path / "metrics.jsonl"
-        if offset == 0:  # a whole file read before and unchanged since is not parsed again
-            try:
-                st = path.stat()
-                key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-            except OSError:
-                key = None
-            if key is not None and key in _PARSED:
-                return {**_PARSED[key], "reset": inode != st.st_ino}
+        if offset == 0 and (st := _stat(path)) is not None and _file_key(path, st) in _PARSED:
+            # a whole file read before and unchanged since is not parsed again
+            return {**_PARSED[_file_key(path, st)], "reset": inode != st.st_ino}
         train: dict[str, list] = {k: [] for k in ("step", *METRIC_KEYS)}
         val: dict[str, list] = {"step": [], "val_loss": []}
         try:
@@ -207,7 +199,7 @@ class RunDir:
         if offset == 0 and end == len(data):
             if len(_PARSED) >= 32:
                 _PARSED.pop(next(iter(_PARSED)))
-            _PARSED[(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)] = out
+            _PARSED[_file_key(path, st)] = out
         return out
 
     def checkpoints(self) -> list[dict]:
@@ -227,21 +219,20 @@ class RunDir:
         """The run's own adapter (`adapter/`, what a tuning run writes) and those under
         `adapters/` (what `stoker serve` serves on this run), from their adapter_config.json:
         folder, kind, rank or virtual tokens, tasks, size."""
+        from stoker.tune.adapters import CONFIG, TASKS
+
         root = self.path / "adapters"
         dirs = [self.path / "adapter"] + (sorted(root.iterdir()) if root.is_dir() else [])
         out = []
         for d in dirs:
-            cfg = RunDir(d)._json("adapter_config.json")
+            cfg = _read_json(d / CONFIG)
             try:
                 size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
             except OSError:
                 continue
-            if cfg is None:
+            if not isinstance(cfg, dict):
                 continue
-            try:
-                tasks = json.loads((d / "stoker_tasks.json").read_text())
-            except (OSError, ValueError):
-                tasks = []
+            tasks = _read_json(d / TASKS)
             out.append({"name": d.relative_to(self.path).as_posix(), "kind": str(cfg.get("peft_type", "?")),
                         "rank": cfg.get("r"), "virtual_tokens": cfg.get("num_virtual_tokens"),
                         "tasks": [str(t) for t in tasks] if isinstance(tasks, list) else [],
@@ -251,21 +242,16 @@ class RunDir:
     def state(self) -> str:
         """running (a process holds the run's lock), done (the last step logged is the
         configured last), stopped (it ended before), or new (nothing logged)."""
-        try:
-            st = (self.path / LOCK).stat()
-            if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in _lock_holders():
-                return "running"
-        except OSError:
-            pass
-        last = self.last_step()
-        if last is None:
-            return "new"
-        steps = self.config().get("train", {}).get("steps")
-        return "done" if isinstance(steps, int) and last >= steps else "stopped"
+        return self._state(self.config(), self.metrics()["train"]["step"])
 
-    def last_step(self) -> int | None:
-        m = self.metrics()["train"]["step"]
-        return m[-1] if m else None
+    def _state(self, cfg: dict, steps_logged: list[int]) -> str:
+        st = _stat(self.path / LOCK)
+        if st is not None and (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in _lock_holders():
+            return "running"
+        if not steps_logged:
+            return "new"
+        steps = cfg.get("train", {}).get("steps")
+        return "done" if isinstance(steps, int) and steps_logged[-1] >= steps else "stopped"
 
     def summary(self) -> dict:
         """One row of the runs table."""
@@ -276,7 +262,7 @@ class RunDir:
         tokens = (train["step"][-1] * steps.get("batch_size", 0) * steps.get("seq_len", 0)) if train["step"] else 0
         updated = max((st.st_mtime for f in RUN_FILES if (st := _stat(self.path / f))), default=None)
         return {
-            "name": self.name, "state": self.state(), "updated": updated,
+            "name": self.name, "state": self._state(cfg, train["step"]), "updated": updated,
             "model": _describe_model(cfg, model), "params": _count(model),
             "layout": layout.get("layout"), "world": layout.get("world"),
             "method": cfg.get("tune", {}).get("method", "none"),
@@ -286,6 +272,18 @@ class RunDir:
             "mfu": _mean_tail(train["mfu"]), "tokens_per_s": _mean_tail(train["tokens_per_s"]),
             "checkpoints": len(self.checkpoints()), "adapters": len(self.adapters()),
         }
+
+
+def _file_key(path: Path, st: os.stat_result) -> tuple:
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_json(path: Path):
+    """The JSON value in `path`, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -330,7 +328,7 @@ def find_runs(root: str | Path, depth: int = 3) -> list[RunDir]:
     found: list[RunDir] = []
 
     def walk(d: Path, level: int) -> None:
-        if (d / "metrics.jsonl").exists() or (d / "model.json").exists():
+        if is_run_dir(d):
             found.append(RunDir(d, d.relative_to(root).as_posix() if d != root else d.name))
             return
         if level >= depth:

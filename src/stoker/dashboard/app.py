@@ -113,12 +113,15 @@ def jobs_overview(settings: Settings) -> dict:
             queues = [dict(vars(q), borrowed=q.borrowed) for q in c.queues()]
         except ConfigError as e:  # queues.toml as it is now cannot be read: say so, as `stoker jobs` does
             raise DashboardError(409, str(e)) from None
-        jobs = []
-        for info in c.store.list():
-            d = _job_row(info)
-            if info.state in WAITING:
-                d["why"] = _why(c, info.id)
-            jobs.append(d)
+        jobs = [_job_row(info) for info in c.store.list()]
+        waiting = [j["id"] for j in jobs if j["state"] in WAITING]
+        try:
+            why = {i: w.reasons for i, w in c.explain(waiting).items()}
+        except ConfigError:  # a cluster that cannot be asked: each job alone, the error on its own
+            why = {i: _why(c, i) for i in waiting}
+        for j in jobs:
+            if j["id"] in why:
+                j["why"] = why[j["id"]]
         return {"home": str(settings.jobs_home), "exists": True, "queues": queues, "jobs": jobs}
     finally:
         c.close()

@@ -146,15 +146,21 @@ class Client:
         return self._refresh(self.store.get(job_id))
 
     def why(self, job_id: int) -> Why:
-        info = self.store.get(job_id, history=False)  # an unknown id: ConfigError
-        if info.backend != "local" and info.remote_id:
-            info = self._refresh(info)
-            return Why(job_id, info.state, None, [], self._remote(info).why(info.remote_id, info.spec))
-        return policy.explain(self.pool(), self.store.scheduling_view() + self._done(job_id), job_id, time.time())
+        return self.explain([job_id])[job_id]
 
-    def _done(self, job_id: int) -> list[policy.Job]:
-        info = self.store.get(job_id, history=False)
-        return [info] if info.state in DONE else []
+    def explain(self, job_ids: list[int]) -> dict[int, Why]:
+        """`why` for several jobs, reading the pool and the queue once for all of them."""
+        out, view, now = {}, None, time.time()
+        for job_id in job_ids:
+            info = self.store.get(job_id, history=False)  # an unknown id: ConfigError
+            if info.backend != "local" and info.remote_id:
+                info = self._refresh(info)
+                out[job_id] = Why(job_id, info.state, None, [], self._remote(info).why(info.remote_id, info.spec))
+                continue
+            if view is None:
+                pool, view = self.pool(), self.store.scheduling_view()
+            out[job_id] = policy.explain(pool, view + ([info] if info.state in DONE else []), job_id, now)
+        return out
 
     def cancel(self, job_id: int) -> str:
         """Cancel a job: at once when it waits; a running one gets SIGTERM (it may checkpoint),
