@@ -32,6 +32,9 @@ class RayHead:
     def start(self, timeout: float = 120) -> "RayHead":
         bin_dir = str(Path(sys.executable).parent)
         env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+                   # No token authentication: a head here turned it on by itself ("Token
+                   # authentication is enabled for this Ray cluster") and refused the tests' clients.
+                   RAY_AUTH_MODE="disabled",
                    # the grace Ray gives a stopped job between SIGTERM and SIGKILL: time to checkpoint
                    RAY_JOB_STOP_WAIT_TIME_S=str(self.stop_wait_s))
         ray = shutil.which("ray", path=env["PATH"])
