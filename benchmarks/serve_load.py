@@ -11,6 +11,9 @@ in one run, with the same thread count:
 - the roofline of a decode step: max(FLOPs / measured matmul peak, bytes / measured memory
   bandwidth), the bytes being the weights plus the keys and values read, at the batch's mean
   context; stoker's tokens/s as a share of it.
+Each round runs every setting once, so that both sides of a ratio are measured minutes apart at
+most (this shared machine's speed drifts); each setting's fastest round is reported, and every
+round's own ratios beside them.
 
     python benchmarks/serve_load.py                 # trains the model for one step first
     python benchmarks/serve_load.py --threads 2 --dtype bf16 --out runs/bench/serve_bf16.json
@@ -29,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -183,7 +187,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="about this many tokens per prompt")
     ap.add_argument("--prefix-tokens", type=int, default=200, help="the shared prefix of the prefix workload")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per setting; the fastest is reported")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every setting once, and each "
+                    "setting's fastest round is reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server and of transformers")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and cache, both sides")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
@@ -207,55 +212,62 @@ def main() -> None:
         assert base + (n + 1) * chars < len(text), "not enough text for fresh prompts"
         return [prefix + text[base + i * chars: base + (i + 1) * chars] for i in range(n)]
 
-    def best(fn, label: str) -> dict:
-        runs = [fn(r) for r in range(args.rounds)]
-        row = {"setting": label, **max(runs, key=lambda r: r["tokens_per_s"])}
-        print(f"  {label}: {row['tokens_per_s']:,.1f} tokens/s", flush=True)
-        return row
-
-    rows: dict[str, dict] = {}
+    # Every setting once per round, the rounds one after another, so that a change in this
+    # shared machine's speed during the run reaches both sides of each ratio alike (measuring
+    # one side's rounds, then the other's, moved the ratios by up to 2x here).
+    settings: dict[str, tuple[str, Callable[[int], dict]]] = {}
     torch.set_num_threads(args.threads)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    hf32 = hf if args.dtype == "fp32" else AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     ids = lambda ps: [tok.encode(p) for p in ps]  # noqa: E731
     hf_generate(hf, ids(prompts(2, 99, args.prompt_tokens)), 4)  # warm-up
-    rows["hf_1"] = best(lambda r: hf_generate(hf, ids(prompts(1, r, args.prompt_tokens)), args.max_tokens),
-                        "transformers generate, batch 1")
-    rows["hf_B"] = best(lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens),
-                        f"transformers generate, batch {B}")
+    hf_generate(hf32, ids(prompts(2, 99, args.prompt_tokens)), 4)
+    settings["hf_1"] = ("transformers generate, batch 1",
+                        lambda r: hf_generate(hf, ids(prompts(1, r, args.prompt_tokens)), args.max_tokens))
+    settings["hf_B"] = (f"transformers generate, batch {B}",
+                        lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens))
     if args.dtype != "fp32":  # and the plain loop as a newcomer runs it: fp32, transformers' default
-        hf = hf.float()
-        rows["hf_B_fp32"] = best(lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens),
-                                 f"transformers generate, batch {B}, fp32")
-    hf = None  # its memory back before the servers start
+        settings["hf_B_fp32"] = (f"transformers generate, batch {B}, fp32",
+                                 lambda r: hf_generate(hf32, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens))
 
     shared = text[100_000: 100_000 + args.prefix_tokens * 3]
     servers = {"cached": start_server(args.run, B, args.threads, args.dtype),
                "uncached": start_server(args.run, B, args.threads, args.dtype, "--prefix-cache-mb", "0")}
+    url = servers["cached"][1]
+    settings["stoker_1"] = (f"stoker serve --max-batch {B}, 1 request",
+                            lambda r: load(url, prompts(1, 10 + r, args.prompt_tokens), args.max_tokens))
+    settings["stoker_B"] = (f"stoker serve --max-batch {B}, {B} concurrent",
+                            lambda r: load(url, prompts(B, 20 + r, args.prompt_tokens), args.max_tokens))
+    for mode, (_, u) in servers.items():
+        settings[f"prefix_{mode}"] = (
+            f"{B} concurrent, a shared {args.prefix_tokens}-token prefix, prefix cache {'on' if mode == 'cached' else 'off'}",
+            lambda r, u=u: load(u, prompts(B, 30 + r, args.prompt_tokens, shared), args.max_tokens))
+    runs: dict[str, list[dict]] = {k: [] for k in settings}
     try:
-        for _, url in servers.values():
-            load(url, prompts(2, 98, 8), 4)  # load the model, warm up
-        url = servers["cached"][1]
-        rows["stoker_1"] = best(lambda r: load(url, prompts(1, 10 + r, args.prompt_tokens), args.max_tokens),
-                                f"stoker serve --max-batch {B}, 1 request")
-        rows["stoker_B"] = best(lambda r: load(url, prompts(B, 20 + r, args.prompt_tokens), args.max_tokens),
-                                f"stoker serve --max-batch {B}, {B} concurrent")
-        for mode, (_, u) in servers.items():
-            rows[f"prefix_{mode}"] = best(
-                lambda r, u=u: load(u, prompts(B, 30 + r, args.prompt_tokens, shared), args.max_tokens),
-                f"{B} concurrent, a shared {args.prefix_tokens}-token prefix, prefix cache {'on' if mode == 'cached' else 'off'}")
+        for _, u in servers.values():
+            load(u, prompts(2, 98, 8), 4)  # load the model, warm up
+        for r in range(args.rounds):
+            for key, (label, fn) in settings.items():
+                runs[key].append(fn(r))
+                print(f"  round {r + 1}/{args.rounds}, {label}: {runs[key][-1]['tokens_per_s']:,.1f} tokens/s", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
+    rows = {k: {"setting": settings[k][0], **max(v, key=lambda x: x["tokens_per_s"]),
+                "rounds_tokens_per_s": [x["tokens_per_s"] for x in v]} for k, v in runs.items()}
     roof = roofline(cfg, B, args.prompt_tokens + args.max_tokens / 2, args.dtype, args.threads)
-    ratios = {
-        f"stoker {B} concurrent / transformers batch {B}": rows["stoker_B"]["tokens_per_s"] / rows["hf_B"]["tokens_per_s"],
-        "stoker 1 request / transformers batch 1": rows["stoker_1"]["tokens_per_s"] / rows["hf_1"]["tokens_per_s"],
-        **({f"stoker {B} concurrent / transformers batch {B} in fp32":
-            rows["stoker_B"]["tokens_per_s"] / rows["hf_B_fp32"]["tokens_per_s"]} if "hf_B_fp32" in rows else {}),
-        "prefix cache on / off": rows["prefix_cached"]["tokens_per_s"] / rows["prefix_uncached"]["tokens_per_s"],
-        f"stoker {B} concurrent / roofline": rows["stoker_B"]["tokens_per_s"] / roof["tokens_per_s"],
+    pairs = {
+        f"stoker {B} concurrent / transformers batch {B}": ("stoker_B", "hf_B"),
+        "stoker 1 request / transformers batch 1": ("stoker_1", "hf_1"),
+        **({f"stoker {B} concurrent / transformers batch {B} in fp32": ("stoker_B", "hf_B_fp32")} if "hf_B_fp32" in rows else {}),
+        "prefix cache on / off": ("prefix_cached", "prefix_uncached"),
     }
+    # Best against best; and each round's own ratio (both sides measured minutes apart at most).
+    ratios = {k: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for k, (a, b) in pairs.items()}
+    ratios[f"stoker {B} concurrent / roofline"] = rows["stoker_B"]["tokens_per_s"] / roof["tokens_per_s"]
+    round_ratios = {k: [x / y for x, y in zip(rows[a]["rounds_tokens_per_s"], rows[b]["rounds_tokens_per_s"])]
+                    for k, (a, b) in pairs.items()}
     table = Table(title=f"serve: {args.preset} ({cfg.n_layer} x {cfg.n_embd}), {args.dtype}, {args.threads} thread(s), "
                         f"{args.max_tokens} new tokens per request, prompts ~{args.prompt_tokens} tokens")
     for col in ("setting", "tokens/s", "TTFT p50", "latency p99"):
@@ -266,10 +278,12 @@ def main() -> None:
     table.add_row(f"roofline, batch {B} ({roof['bound']}-bound)", f"{roof['tokens_per_s']:,.1f}", "", "")
     Console().print(table)
     for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
+        each = f"  (rounds: {', '.join(f'{x:.2f}' for x in round_ratios[k])})" if k in round_ratios else ""
+        print(f"{k}: {v:.2f}x{each}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                    "roofline": roof, "ratios": ratios}, indent=1))
+                                    "roofline": roof, "ratios": ratios,
+                                    "round_ratios": round_ratios}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -280,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_loaded=args.max_loaded, max_queue=args.max_queue, kv_budget_mb=args.kv_budget_mb,
               max_body_mb=args.max_body_mb, batch_invariant=args.batch_invariant, prefill_chunk=args.prefill_chunk,
               prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype, adapters=args.adapter,
-              max_adapters=args.max_adapters)
+              max_adapters=args.max_adapters, kv_keep_s=args.kv_keep_s)
     except (ConfigError, FileNotFoundError) as e:
         return _fail(str(e))
     except OSError as e:
@@ -514,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--max-queue", type=int, default=64,
                     help="requests waiting per model before answering 429 (default 64)")
     ps.add_argument("--kv-budget-mb", type=int, default=1024, help="KV cache memory per model in MiB (default 1024)")
+    ps.add_argument("--kv-keep-s", type=float, default=60,
+                    help="seconds the batch's KV buffer is kept once no request runs, so that the next burst "
+                         "reuses its memory instead of paying fresh pages (default 60; 0: freed at once)")
     ps.add_argument("--max-body-mb", type=float, default=4,
                     help="largest request body in MiB; a larger one gets 413 without being read (default 4)")
     ps.add_argument("--prefill-chunk", type=int, default=256,

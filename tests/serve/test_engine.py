@@ -306,6 +306,60 @@ def test_the_batch_buffer_waits_for_the_next_burst_and_a_new_row_reads_nothing_o
         engine.close()
 
 
+def test_after_a_long_burst_a_short_one_reads_a_shorter_buffer_in_the_same_memory(sharp_model):
+    """Attention reads every row's whole length, so a buffer kept from long prompts must not
+    stay that long for short ones: with no live row it is cut to what the newcomers need, in
+    the memory it had (no fresh pages), and grows back into that memory; whatever the memory
+    held (NaN here) never reaches a token."""
+    model, tok = sharp_model
+    engine = Engine(model, tok, max_batch=4, keep_slots_s=60.0)
+    short = tok.encode(PROMPTS[2])
+    long = (tok.encode(" ".join(PROMPTS)) * 20)[: model.cfg.block_size - GREEDY.max_tokens - 1]
+    try:
+        want = engine.generate(short, GREEDY)
+        short_len = engine._slots.size(4)
+        engine.generate(long, GREEDY)
+        long_len, store = engine._slots.size(4), engine._store
+        assert long_len > short_len
+        with torch.inference_mode():
+            store.fill_(float("nan"))
+        again = engine.generate(short, GREEDY)
+        assert engine._slots.size(4) == short_len and engine._store is store
+        assert engine._slots.data_ptr() == store.data_ptr()
+        assert again.token_ids == want.token_ids
+        engine.generate(long, GREEDY)
+        assert engine._slots.size(4) == long_len and engine._store is store
+    finally:
+        engine.close()
+
+
+def test_the_batch_buffer_has_rows_for_a_whole_burst_from_its_first_row(sharp_model):
+    """Rows join one by one as their prompts complete; the buffer is made once with as many
+    rows as max_batch and the KV budget allow, not grown (a copy and fresh pages) as they come."""
+    model, tok = sharp_model
+    text = tok.encode(" ".join(PROMPTS) * 4)
+    prompts = [text[i: i + 10] for i in range(4)]  # one length: one row length for all
+    alone = [Engine(model, tok, max_batch=1).generate(p, GREEDY).token_ids for p in prompts]
+    length = -(-(10 + GREEDY.max_tokens - 1) // 16) * 16  # a row: prompt and new tokens, rounded up to 16
+    per_token = model.cfg.n_layer * 2 * model.cfg.n_embd * 4
+    for budget_rows, want_rows in ((100, 4), (3, 3)):
+        engine = Engine(model, tok, max_batch=4, prefill_chunk=4, kv_budget_bytes=budget_rows * length * per_token)
+        shapes, grow = [], engine._grow
+        engine._grow = lambda *a: shapes.append(tuple((out := grow(*a)).shape[2:5])) or out
+        events = [[] for _ in prompts]
+        try:
+            with engine._cv:  # all waiting before the engine admits any
+                for i, p in enumerate(prompts):
+                    engine.submit(p, GREEDY, events[i].append)
+            deadline = time.time() + 60
+            while not all(e and e[-1].finish_reason for e in events) and time.time() < deadline:
+                time.sleep(0.01)
+            assert [[t for ev in e for t in ev.token_ids] for e in events] == alone
+            assert shapes == [(want_rows, model.cfg.n_head, length)]  # made once, for the whole burst
+        finally:
+            engine.close()
+
+
 def test_packed_mlp_runs_gelu_inside_its_first_matmul(sharp_model):
     """The serving path's MLP hands GELU to the packed matmul's kernel: no separate GELU pass
     over the activations (it was lost once, unnoticed, costing 3% of a decode step)."""

@@ -43,9 +43,9 @@ from stoker.serve.adapters import Adapters
 
 ROW_ROUND = 16  # tokens: the batch buffer's rows grow in steps of this many
 # Seconds the batch buffer is kept once no sequence decodes, for the next burst to reuse: a new
-# one costs its page faults and zeroing (~80 ms for 32 rows of 96 tokens of a 124M model),
-# and reuse measured 8% more tokens/s over back-to-back bursts of 32 requests.
-KEEP_SLOTS_S = 10.0
+# one costs its page faults on first touch (a burst of 32 prompts of 230 tokens, 12 x 768
+# model: 1.46x slower in a new 700 MB buffer than in a kept one, measured on a 2-vCPU VM).
+KEEP_SLOTS_S = 60.0
 
 
 class QueueFull(Exception):
@@ -236,6 +236,7 @@ class Engine:
         self._active: list[_Seq] = []  # admitted, in admission order
         self._rows: list[_Seq] = []  # throughput mode: the decoding sequences, by row of self._slots
         self._slots: torch.Tensor | None = None  # (n_layer, 2, rows, KVH, capacity, D)
+        self._store: torch.Tensor | None = None  # the memory self._slots is a view of
         self.keep_slots_s = keep_slots_s
         self._idle_since = 0.0  # when the last row left the batch buffer
         self._cv = threading.Condition()
@@ -331,7 +332,7 @@ class Engine:
                         if self._slots is None:
                             self._cv.wait()
                         elif not self._cv.wait(max(0.0, self._idle_since + self.keep_slots_s - time.monotonic())):
-                            self._slots = None  # idle that long: its memory back
+                            self._slots = self._store = None  # idle that long: its memory back
                             self._report_memory()
                     if self._closing and not (self._waiting or self._active):
                         self.metrics.memory("weights", 0)  # what the pool drops once this thread ends
@@ -343,7 +344,7 @@ class Engine:
                     for seq in self._active + admitted:
                         if not seq.done:
                             self._finish(seq, "", "error", error=f"{type(e).__name__}: {e}")
-                    self._active, self._rows, self._slots = [], [], None
+                    self._active, self._rows, self._slots, self._store = [], [], None, None
                     self._kv_used = 0
                     self._report_memory()
 
@@ -497,22 +498,14 @@ class Engine:
         (rows, or length to the longest admitted capacity) when it is too small."""
         rows = len(self._rows) + 1
         live = [s for s in self._active if not (s.done or s.cancelled)]
-        length = self._row_length(live)
         buf = self._slots
-        if buf is None or buf.size(2) < rows or buf.size(4) < length:
-            # Rows for every admitted sequence at once (they join as their prompts complete), at
-            # least twice the old count: each growth writes a fresh buffer, which costs (page
-            # faults: 50-350 ms for 100 MB measured here).
-            c = self.cfg
-            n_rows = min(self.max_batch, max(rows, len(live), 2 * (buf.size(2) if buf is not None else 2)))
-            # Not zeroed whole (a pass over all of it): a row is written or zeroed when a
-            # sequence joins it, and the rows kept are zeroed past their old length here.
-            grown = torch.empty(c.n_layer, 2, n_rows, seq.kv.size(2), max(length, buf.size(4) if buf is not None else 0),
-                                c.head_dim, device=self.device, dtype=self.dtype)
-            if buf is not None:
-                grown[:, :, :buf.size(2), :, :buf.size(4)] = buf
-                grown[:, :, :buf.size(2), :, buf.size(4):] = 0
-            self._slots = buf = grown
+        length = self._row_length(live)
+        if self._rows:
+            length = max(length, buf.size(4))  # live rows keep theirs
+        # With no live row, a longer buffer is cut to length too: attention reads every row's
+        # whole length, so a long burst's buffer would slow every short one after it.
+        if buf is None or buf.size(2) < rows or buf.size(4) != length:
+            self._slots = buf = self._grow(buf, rows, length, seq.kv.size(2))
         n = len(seq.prompt)
         buf[:, :, len(self._rows), :, :n] = seq.kv[:, :, :, :n]
         # The rest of the row zeroed: what an earlier sequence left there is masked, but a NaN
@@ -521,6 +514,28 @@ class Engine:
         seq.row, seq.kv = len(self._rows), None
         self._rows.append(seq)
         self._report_memory()
+
+    def _grow(self, buf: torch.Tensor | None, rows: int, length: int, heads: int) -> torch.Tensor:
+        """A batch buffer of at least `rows` rows of `length` tokens holding the live rows of
+        `buf`. As many rows as the KV budget allows at that length (up to max_batch), so that
+        the rows of a burst, joining one by one, never grow it again; and in the memory of the
+        last one when no row is live and it is large enough: fresh memory costs its page
+        faults on first touch (measured here: a burst of 32 prompts of 230 tokens 1.46x
+        slower in a new buffer than in a kept one)."""
+        c = self.cfg
+        fit = self.kv_budget_bytes // (length * self.kv_bytes_per_token)
+        shape = (c.n_layer, 2, min(self.max_batch, max(rows, fit)), heads, length, c.head_dim)
+        size = math.prod(shape)
+        live = len(self._rows)
+        if live == 0 and self._store is not None and self._store.numel() >= size:
+            return self._store[:size].view(shape)
+        store = torch.empty(size, device=self.device, dtype=self.dtype)
+        grown = store.view(shape)
+        if live:  # the live rows moved, and zeroed past their old length (see _join_rows)
+            grown[:, :, :live, :, :buf.size(4)] = buf[:, :, :live]
+            grown[:, :, :live, :, buf.size(4):] = 0
+        self._store = store
+        return grown
 
     def _release(self) -> None:
         keep = []
@@ -554,7 +569,7 @@ class Engine:
 
     def _report_memory(self) -> None:
         kv = sum(s.kv.nbytes for s in self._active if s.kv is not None)
-        self.metrics.memory("kv_cache", kv + (self._slots.nbytes if self._slots is not None else 0))
+        self.metrics.memory("kv_cache", kv + (self._store.nbytes if self._store is not None else 0))
         self.metrics.memory("prefix_cache", self.prefixes.used if self.prefixes is not None else 0)
         self.metrics.memory("adapters", self.adapters.nbytes if self.adapters is not None else 0)
 

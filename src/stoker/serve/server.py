@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from stoker.serve.engine import EngineClosed, Event, Handle, QueueFull, SamplingParams
+from stoker.serve.engine import KEEP_SLOTS_S, EngineClosed, Event, Handle, QueueFull, SamplingParams
 from stoker.serve.metrics import ServeMetrics
 from stoker.serve.models import Model, ModelPool, UnknownModel
 
@@ -549,7 +549,7 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
           max_batch: int = 8, max_loaded: int = 1, max_queue: int = 64, kv_budget_mb: int = 1024,
           max_body_mb: float = MAX_BODY_BYTES / 2**20, log_level: str = "info", batch_invariant: bool = False,
           prefill_chunk: int = 256, prefix_cache_mb: int = 256, dtype: str = "auto",
-          adapters: Sequence[str] = (), max_adapters: int = 8) -> None:
+          adapters: Sequence[str] = (), max_adapters: int = 8, kv_keep_s: float = KEEP_SLOTS_S) -> None:
     """Serve `RUN_DIR` or `NAME=RUN_DIR` entries, and `NAME=DIR` adapters on them, until
     interrupted (what `stoker serve` runs)."""
     from stoker.config import ConfigError
@@ -562,13 +562,16 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")
     if not max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: must be > 0, got {max_body_mb}")
+    if not kv_keep_s >= 0:
+        raise ConfigError(f"--kv-keep-s: must be >= 0, got {kv_keep_s}")
     if api_key is not None and not api_key:
         raise ConfigError("--api-key (or $STOKER_API_KEY) is empty; give a key, or unset it to serve without one")
     runs = parse_models(run_dirs)
     pool = ModelPool(runs, adapters=parse_adapters(adapters, runs), max_adapters=max_adapters,
                      max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                      kv_budget_bytes=kv_budget_mb << 20, batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
-                     prefix_cache_bytes=prefix_cache_mb << 20, dtype=(dtype := serve_dtype(dtype)))
+                     prefix_cache_bytes=prefix_cache_mb << 20, keep_slots_s=kv_keep_s,
+                     dtype=(dtype := serve_dtype(dtype)))
     app = create_app(pool, api_key, max_body_bytes=max(1, int(max_body_mb * 2**20)))
     sock = bind(host, port)
     names = [m.name for m in pool.models.values() if m.parent is None]
