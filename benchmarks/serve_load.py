@@ -15,8 +15,8 @@ Each round runs every setting once, so that both sides of a ratio are measured m
 most (this shared machine's speed drifts); each setting's fastest round is reported, and every
 round's own ratios beside them.
 
-    python benchmarks/serve_load.py                 # trains the model for one step first
-    python benchmarks/serve_load.py --threads 2 --dtype bf16 --out runs/bench/serve_bf16.json
+    python benchmarks/serve_load.py                 # trains the model for one step first; --dtype auto
+    python benchmarks/serve_load.py --threads 2 --dtype fp32 --out runs/bench/serve_fp32.json
 """
 
 from __future__ import annotations
@@ -190,7 +190,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every setting once, and each "
                     "setting's fastest round is reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server and of transformers")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and cache, both sides")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="weights and cache, both sides; auto (default): what `stoker serve` picks on this machine "
+                         "(transformers then runs it too, and fp32, its own default, when that differs)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve_load.json"))
     args = ap.parse_args()
 
@@ -201,6 +203,12 @@ def main() -> None:
     from stoker.models.gpt import GPTConfig
 
     hf_dir = ensure_run(args.run, args.data, args.preset, args.context)
+    if args.dtype == "auto":
+        from stoker.serve.server import serve_dtype
+
+        torch.set_num_threads(args.threads)
+        args.dtype = serve_dtype("auto", args.max_batch)
+        print(f"--dtype auto: stoker serve picks {args.dtype} here", flush=True)
     tok = Tokenizer.load(args.run)
     cfg = GPTConfig(**json.loads((args.run / "model.json").read_text()))
     text = source_text()
@@ -227,6 +235,8 @@ def main() -> None:
     settings["hf_B"] = (f"transformers generate, batch {B}",
                         lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens))
     if args.dtype != "fp32":  # and the plain loop as a newcomer runs it: fp32, transformers' default
+        settings["hf_1_fp32"] = ("transformers generate, batch 1, fp32",
+                                 lambda r: hf_generate(hf32, ids(prompts(1, r, args.prompt_tokens)), args.max_tokens))
         settings["hf_B_fp32"] = (f"transformers generate, batch {B}, fp32",
                                  lambda r: hf_generate(hf32, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens))
 
@@ -260,7 +270,8 @@ def main() -> None:
     pairs = {
         f"stoker {B} concurrent / transformers batch {B}": ("stoker_B", "hf_B"),
         "stoker 1 request / transformers batch 1": ("stoker_1", "hf_1"),
-        **({f"stoker {B} concurrent / transformers batch {B} in fp32": ("stoker_B", "hf_B_fp32")} if "hf_B_fp32" in rows else {}),
+        **({f"stoker {B} concurrent / transformers batch {B} in fp32": ("stoker_B", "hf_B_fp32"),
+            "stoker 1 request / transformers batch 1 in fp32": ("stoker_1", "hf_1_fp32")} if "hf_B_fp32" in rows else {}),
         "prefix cache on / off": ("prefix_cached", "prefix_uncached"),
     }
     # Best against best; and each round's own ratio (both sides measured minutes apart at most).

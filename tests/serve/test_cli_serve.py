@@ -64,3 +64,40 @@ def test_serve_user_errors_exit_2(tmp_path, serve_runs, capsys, monkeypatch):
     monkeypatch.setenv("STOKER_API_KEY", "")  # set but empty: a mistake, not "no key"
     assert main(["serve", str(serve_runs[0])]) == 2
     assert "STOKER_API_KEY" in capsys.readouterr().err
+
+
+def test_auto_dtype_is_the_one_whose_decode_linears_run_faster(monkeypatch):
+    """--dtype auto on a CPU follows the serving-shaped probe (not the matmul peak), at the
+    server's --max-batch rows; explicit dtypes are taken as given, a wrong one is refused."""
+    import torch
+
+    from stoker.config import ConfigError
+    from stoker.serve import server
+
+    asked = []
+    for fast in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(server, "decode_linear_speed",
+                            lambda dtype, rows, fast=fast: asked.append(rows) or (2.0 if dtype == fast else 1.0))
+        assert server.serve_dtype("auto", 32) == {torch.bfloat16: "bf16", torch.float32: "fp32"}[fast]
+    assert set(asked) == {32}
+    assert server.serve_dtype("fp32", 32) == "fp32" and server.serve_dtype("bf16", 32) == "bf16"
+    with pytest.raises(ConfigError, match="--dtype"):
+        server.serve_dtype("fp16", 32)
+
+
+def test_the_dtype_probe_times_packed_linears_in_the_dtype_asked(monkeypatch):
+    """The probe runs the serving path's packed linear layers in the dtype it is asked about
+    (a probe of the wrong layer or dtype would decide on something the server never runs)."""
+    import torch
+
+    from stoker.models import gpt
+    from stoker.serve.server import decode_linear_speed
+
+    seen = []
+    forward = gpt.PackedLinear.forward
+    monkeypatch.setattr(gpt.PackedLinear, "forward", lambda self, x, gelu=False: seen.append(
+        (x.dtype, self.weight.dtype, x.shape[0])) or forward(self, x, gelu))
+    for dtype in (torch.float32, torch.bfloat16):
+        seen.clear()
+        speed = decode_linear_speed(dtype, 4, seconds=0.01)
+        assert speed > 0 and seen and set(seen) == {(dtype, dtype, 4)}
