@@ -505,7 +505,7 @@ class Engine:
         # With no live row, a longer buffer is cut to length too: attention reads every row's
         # whole length, so a long burst's buffer would slow every short one after it.
         if buf is None or buf.size(2) < rows or buf.size(4) != length:
-            self._slots = buf = self._grow(buf, rows, length, seq.kv.size(2))
+            self._slots = buf = self._grow(buf, max(rows, len(live)), length, seq.kv.size(2))
         n = len(seq.prompt)
         buf[:, :, len(self._rows), :, :n] = seq.kv[:, :, :, :n]
         # The rest of the row zeroed: what an earlier sequence left there is masked, but a NaN
