@@ -7,7 +7,7 @@ import torch
 
 from stoker.generate import sample
 from stoker.models.gpt import pack_linears
-from stoker.serve.engine import Completion, Engine, EngineMetrics, Event, SamplingParams
+from stoker.serve.engine import KV_BLOCK, Completion, Engine, EngineMetrics, Event, SamplingParams
 
 PROMPTS = ["d", "import json\n", "class Foo(Base):\n    def", "async def main():\n    await x.y(1, 2)\n", "for i in"]
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
@@ -243,14 +243,19 @@ def test_batched_decode_logits_agree_with_solo(sharp_model):
         for ids, kv in zip(prompts, caches):
             model.forward_cached(torch.tensor([ids]), KVCache([kv], [0]))
         nxt = torch.tensor([[7], [11], [13], [17], [19]])
-        slots = torch.zeros(model.cfg.n_layer, 2, len(prompts), *caches[0].shape[2:])
+        # blocks of 8 positions: a prompt spans several, and the rows end in different ones
+        slots = torch.zeros(5, model.cfg.n_layer, 2, len(prompts), model.cfg.n_head, 8, model.cfg.head_dim)
+        as_rows = slots.permute(1, 2, 3, 4, 0, 5, 6).reshape(model.cfg.n_layer, 2, len(prompts), model.cfg.n_head, 40, -1)
         for r, (ids, kv) in enumerate(zip(prompts, caches)):
-            slots[:, :, r, :, :len(ids)] = kv[:, :, :, :len(ids)]
+            as_rows[:, :, r, :, :len(ids)] = kv[:, :, :, :len(ids)]
+        slots.copy_(as_rows.reshape(model.cfg.n_layer, 2, len(prompts), model.cfg.n_head, 5, 8, -1).permute(4, 0, 1, 2, 3, 5, 6))
+        assert max(map(len, prompts)) > 8
         batched = model.forward_cached(nxt, SlotKVCache(slots, [len(p) for p in prompts]))[:, 0]
         solo = torch.stack([model.forward_cached(nxt[r:r + 1], KVCache([kv], [len(ids)]))[0, 0]
                             for r, (ids, kv) in enumerate(zip(prompts, caches))])
+        as_rows = slots.permute(1, 2, 3, 4, 0, 5, 6).reshape(model.cfg.n_layer, 2, len(prompts), model.cfg.n_head, 40, -1)
         for r, (ids, kv) in enumerate(zip(prompts, caches)):  # and the new keys/values landed in each row
-            new = slots[:, :, r, :, :len(ids) + 1]
+            new = as_rows[:, :, r, :, :len(ids) + 1]
             assert (new - kv[:, :, :, :len(ids) + 1]).abs().max() < 1e-5 * new.abs().max()
     # fp32 sums in another order: ~1e-6 of the logits' scale (this model's run to about 100).
     assert (batched - solo).abs().max() < 1e-5 * solo.abs().max()
@@ -273,7 +278,7 @@ def test_packed_linears_agree_with_plain_ones(sharp_model, dtype, tol):
     out = []
     with torch.inference_mode():
         for m in (plain, fast):
-            slots = torch.zeros(m.cfg.n_layer, 2, len(ids), m.cfg.kv_heads, 8, m.cfg.head_dim, dtype=dtype)
+            slots = torch.zeros(2, m.cfg.n_layer, 2, len(ids), m.cfg.kv_heads, 4, m.cfg.head_dim, dtype=dtype)
             first = m.forward_cached(ids, SlotKVCache(slots, [0] * len(ids)))
             step = m.forward_cached(first[:, -1:].argmax(-1), SlotKVCache(slots, [3] * len(ids)))
             out.append(torch.cat([first, step], 1).float())
@@ -317,18 +322,19 @@ def test_after_a_long_burst_a_short_one_reads_a_shorter_buffer_in_the_same_memor
     long = (tok.encode(" ".join(PROMPTS)) * 20)[: model.cfg.block_size - GREEDY.max_tokens - 1]
     try:
         want = engine.generate(short, GREEDY)
-        short_len = engine._slots.size(4)
+        capacity = lambda: engine._slots.size(0) * engine._slots.size(5)  # noqa: E731
+        short_len = capacity()
         engine.generate(long, GREEDY)
-        long_len, store = engine._slots.size(4), engine._store
+        long_len, store = capacity(), engine._store
         assert long_len > short_len
         with torch.inference_mode():
             store.fill_(float("nan"))
         again = engine.generate(short, GREEDY)
-        assert engine._slots.size(4) == short_len and engine._store is store
+        assert capacity() == short_len and engine._store is store
         assert engine._slots.data_ptr() == store.data_ptr()
         assert again.token_ids == want.token_ids
         engine.generate(long, GREEDY)
-        assert engine._slots.size(4) == long_len and engine._store is store
+        assert capacity() == long_len and engine._store is store
     finally:
         engine.close()
 
@@ -340,12 +346,12 @@ def test_the_batch_buffer_has_rows_for_a_whole_burst_from_its_first_row(sharp_mo
     text = tok.encode(" ".join(PROMPTS) * 4)
     prompts = [text[i: i + 10] for i in range(4)]  # one length: one row length for all
     alone = [Engine(model, tok, max_batch=1).generate(p, GREEDY).token_ids for p in prompts]
-    length = -(-(10 + GREEDY.max_tokens - 1) // 16) * 16  # a row: prompt and new tokens, rounded up to 16
+    length = -(-(10 + GREEDY.max_tokens - 1) // KV_BLOCK) * KV_BLOCK  # a row: prompt and new tokens, in whole blocks
     per_token = model.cfg.n_layer * 2 * model.cfg.n_embd * 4
     for budget_rows, want_rows in ((100, 4), (3, 3)):
         engine = Engine(model, tok, max_batch=4, prefill_chunk=4, kv_budget_bytes=budget_rows * length * per_token)
         shapes, grow = [], engine._grow
-        engine._grow = lambda *a: shapes.append(tuple((out := grow(*a)).shape[2:5])) or out
+        engine._grow = lambda *a: shapes.append(((out := grow(*a)).size(3), out.size(4), out.size(0) * out.size(5))) or out
         events = [[] for _ in prompts]
         try:
             with engine._cv:  # all waiting before the engine admits any

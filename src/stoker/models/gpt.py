@@ -173,10 +173,11 @@ class PackedKVCache:
 
 
 class SlotKVCache:
-    """Keys and values of a batch of sequences in one buffer, (n_layer, 2, R, n_kv_head,
-    capacity, head_dim), row r holding starts[r] tokens; a call adds T tokens to every row.
-    Attention runs for all rows in one call per layer, over the longest row's length, shorter
-    rows masked (stoker.serve.engine's throughput mode)."""
+    """Keys and values of a batch of sequences in one buffer of blocks, (n_blocks, n_layer, 2,
+    R, n_kv_head, block, head_dim): row r's position i in block i // block, row r holding
+    starts[r] tokens; a call adds T tokens to every row. Attention runs for all rows in one call
+    per layer and block, over the blocks up to the longest row's end, shorter rows masked
+    (stoker.serve.engine's throughput mode)."""
 
     def __init__(self, buf: torch.Tensor, starts: list[int]):
         self.buf, self.starts = buf, starts
@@ -188,26 +189,34 @@ class SlotKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         R, T = q.size(0), q.size(2)
+        B = self.buf.size(5)
         pos = self.positions(T, q.device)
         rows = torch.arange(R, device=q.device)[:, None].expand(R, T)
-        keys, values = self.buf[layer, 0], self.buf[layer, 1]  # (R, KVH, capacity, D)
-        keys[rows, :, pos] = k.transpose(1, 2)  # (R, T, KVH, D) at each row's own positions
-        values[rows, :, pos] = v.transpose(1, 2)
-        # Over the whole capacity, positions past each row's end masked: a slice [:end] would be
-        # a strided view, which bf16 matmuls copy first (measured 3x slower than a contiguous
-        # operand). Two matmuls and a softmax in fp32: in decode on a CPU, 1.5-2x faster than
-        # SDPA with a mask. Query heads are grouped by the key/value head they share, as rows
-        # of one matmul.
+        keys, values = self.buf[:, layer, 0], self.buf[:, layer, 1]  # (n_blocks, R, KVH, block, D)
+        keys[pos // B, rows, :, pos % B] = k.transpose(1, 2)  # (R, T, KVH, D) at each row's own positions
+        values[pos // B, rows, :, pos % B] = v.transpose(1, 2)
+        # Only the blocks up to the longest row's end are read: attention is bound by reading
+        # keys and values, and a row's capacity (prompt + max_tokens) is mostly unused early on.
+        # Each block's keys are contiguous, (R x KVH) matrices of (block, D), which the batched
+        # matmul needs to run at speed (a strided slice of one long buffer measured slower than
+        # reading it all). Two matmuls per block and a softmax in fp32: in decode on a CPU,
+        # 1.5-2x faster than SDPA with a mask. Query heads are grouped by the key/value head
+        # they share, as rows of one matmul.
         H, KVH, D = q.size(1), k.size(1), q.size(3)
         g = H // KVH
+        n = -(-(max(self.starts) + T) // B)
         if self._bias is None:
-            allowed = torch.arange(keys.size(2), device=q.device) <= pos[:, None, :, None]  # (R, 1, T, end)
+            allowed = torch.arange(n * B, device=q.device) <= pos[:, None, :, None]  # (R, 1, T, end)
             bias = torch.zeros(allowed.shape, device=q.device, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
             self._bias = bias.repeat(1, 1, g, 1)  # rows: (query head in group, token)
-        qg = (q * D**-0.5).reshape(R, KVH, g * T, D)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).add_(self._bias)  # (R, KVH, g * T, end)
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return (p @ values).reshape(R, H, T, D)
+        qg = (q * D**-0.5).reshape(R * KVH, g * T, D)
+        scores = torch.cat([torch.bmm(qg, keys[b].reshape(R * KVH, B, D).transpose(1, 2)) for b in range(n)], -1)
+        scores = scores.view(R, KVH, g * T, n * B).add_(self._bias)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(R * KVH, g * T, n * B)
+        out = torch.bmm(p[:, :, :B], values[0].reshape(R * KVH, B, D))
+        for b in range(1, n):
+            out.baddbmm_(p[:, :, b * B:(b + 1) * B], values[b].reshape(R * KVH, B, D))
+        return out.reshape(R, H, T, D)
 
 
 ATTENTION_KERNELS = ("sdpa", "matmul")

@@ -41,7 +41,7 @@ from stoker.models.gpt import GPT, KVCache, PackedKVCache, SlotKVCache
 from stoker.serve.adapters import Adapters
 
 
-ROW_ROUND = 16  # tokens: the batch buffer's rows grow in steps of this many
+KV_BLOCK = 32  # tokens: the batch buffer's rows are made of blocks of this many (see SlotKVCache)
 # Seconds the batch buffer is kept once no sequence decodes, for the next burst to reuse: a new
 # one costs its page faults on first touch (a burst of 32 prompts of 230 tokens, 12 x 768
 # model: 1.46x slower in a new 700 MB buffer than in a kept one, measured on a 2-vCPU VM).
@@ -235,7 +235,7 @@ class Engine:
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._active: list[_Seq] = []  # admitted, in admission order
         self._rows: list[_Seq] = []  # throughput mode: the decoding sequences, by row of self._slots
-        self._slots: torch.Tensor | None = None  # (n_layer, 2, rows, KVH, capacity, D)
+        self._slots: torch.Tensor | None = None  # (blocks, n_layer, 2, rows, KVH, KV_BLOCK, D): SlotKVCache's
         self._store: torch.Tensor | None = None  # the memory self._slots is a view of
         self.keep_slots_s = keep_slots_s
         self._idle_since = 0.0  # when the last row left the batch buffer
@@ -360,9 +360,8 @@ class Engine:
     @staticmethod
     def _row_length(seqs: list[_Seq]) -> int:
         """Length of the batch buffer's rows for these sequences: the longest capacity, rounded
-        up to ROW_ROUND tokens, so that a slightly longer newcomer does not reallocate the
-        whole buffer (measured: 50 ms for 32 rows of a 124M model, and every arrival did it)."""
-        return -(-max(s.cap for s in seqs) // ROW_ROUND) * ROW_ROUND
+        up to whole blocks of KV_BLOCK tokens."""
+        return -(-max(s.cap for s in seqs) // KV_BLOCK) * KV_BLOCK
 
     def _admit(self) -> list[_Seq]:
         admitted = []
@@ -501,39 +500,46 @@ class Engine:
         buf = self._slots
         length = self._row_length(live)
         if self._rows:
-            length = max(length, buf.size(4))  # live rows keep theirs
-        # With no live row, a longer buffer is cut to length too: attention reads every row's
-        # whole length, so a long burst's buffer would slow every short one after it.
-        if buf is None or buf.size(2) < rows or buf.size(4) != length:
+            length = max(length, buf.size(0) * KV_BLOCK)  # live rows keep theirs
+        # With no live row, a longer buffer is cut to length too: memory a long burst left
+        # is not worth keeping in the shape (that buffer's rows are all free).
+        if buf is None or buf.size(3) < rows or buf.size(0) * KV_BLOCK != length:
             self._slots = buf = self._grow(buf, max(rows, len(live)), length, seq.kv.size(2))
-        n = len(seq.prompt)
-        buf[:, :, len(self._rows), :, :n] = seq.kv[:, :, :, :n]
-        # The rest of the row zeroed: what an earlier sequence left there is masked, but a NaN
-        # or inf it may have held would still poison this row's softmax and sums.
-        buf[:, :, len(self._rows), :, n:] = 0
-        seq.row, seq.kv = len(self._rows), None
+        n, r = len(seq.prompt), len(self._rows)
+        for b in range(buf.size(0)):  # block by block; the rest of the row zeroed: what an
+            # earlier sequence left there is masked, but a NaN or inf it may have held would
+            # still poison this row's softmax and sums
+            m = max(0, min(KV_BLOCK, n - b * KV_BLOCK))
+            if m:
+                buf[b, :, :, r, :, :m] = seq.kv[:, :, :, b * KV_BLOCK: b * KV_BLOCK + m]
+            buf[b, :, :, r, :, m:] = 0
+        seq.row, seq.kv = r, None
         self._rows.append(seq)
         self._report_memory()
 
     def _grow(self, buf: torch.Tensor | None, rows: int, length: int, heads: int) -> torch.Tensor:
         """A batch buffer of at least `rows` rows of `length` tokens holding the live rows of
         `buf`. As many rows as the KV budget allows at that length (up to max_batch), so that
-        the rows of a burst, joining one by one, never grow it again; and in the memory of the
-        last one when no row is live and it is large enough: fresh memory costs its page
-        faults on first touch (measured here: a burst of 32 prompts of 230 tokens 1.46x
-        slower in a new buffer than in a kept one)."""
+        the rows of a burst, joining one by one, never grow it again; in the memory of the last
+        one when it is large enough and no row is live, or the rows stay as they were (blocks
+        are the outermost dimension: more of them leave the old ones in place): fresh memory
+        costs its page faults on first touch (measured here: a burst of 32 prompts of 230
+        tokens 1.46x slower in a new buffer than in a kept one)."""
         c = self.cfg
         fit = self.kv_budget_bytes // (length * self.kv_bytes_per_token)
-        shape = (c.n_layer, 2, min(self.max_batch, max(rows, fit)), heads, length, c.head_dim)
+        shape = (length // KV_BLOCK, c.n_layer, 2, min(self.max_batch, max(rows, fit)), heads, KV_BLOCK, c.head_dim)
         size = math.prod(shape)
         live = len(self._rows)
-        if live == 0 and self._store is not None and self._store.numel() >= size:
-            return self._store[:size].view(shape)
+        if self._store is not None and self._store.numel() >= size and (live == 0 or buf.shape[1:] == shape[1:]):
+            grown = self._store[:size].view(shape)
+            if live:
+                grown[buf.size(0):, :, :, :live] = 0  # the live rows' new blocks (see _join_rows)
+            return grown
         store = torch.empty(size, device=self.device, dtype=self.dtype)
         grown = store.view(shape)
-        if live:  # the live rows moved, and zeroed past their old length (see _join_rows)
-            grown[:, :, :live, :, :buf.size(4)] = buf[:, :, :live]
-            grown[:, :, :live, :, buf.size(4):] = 0
+        if live:  # the live rows moved, and zeroed in their new blocks
+            grown[:buf.size(0), :, :, :live] = buf[:, :, :, :live]
+            grown[buf.size(0):, :, :, :live] = 0
         self._store = store
         return grown
 
@@ -554,9 +560,8 @@ class Engine:
                     last = rows.pop()
                     while last.done or last.cancelled:
                         last = rows.pop()
-                    n = last.length
-                    self._slots[:, :, i, :, :n] = self._slots[:, :, last.row, :, :n]
-                    self._slots[:, :, i, :, n:] = 0  # see _join_rows
+                    # the whole row: past its length it is zeros (see _join_rows), and so is the copy
+                    self._slots[:, :, :, i] = self._slots[:, :, :, last.row]
                     last.row = i
                     rows[i] = last
                     while rows and (rows[-1].done or rows[-1].cancelled):
@@ -577,7 +582,7 @@ class Engine:
         """One token for every decoding row, in one call per layer; logits (rows, V)."""
         rows = self._rows
         last = torch.tensor([[s.out[-1]] for s in rows], device=self.device)
-        cache = SlotKVCache(self._slots[:, :, :len(rows)], [s.length - 1 for s in rows])
+        cache = SlotKVCache(self._slots[:, :, :, :len(rows)], [s.length - 1 for s in rows])
         self._select([s.slot for s in rows])
         return self.model.forward_cached(last, cache)[:, 0]
 
