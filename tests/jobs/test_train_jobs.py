@@ -46,8 +46,13 @@ def test_preempted_train_job_checkpoints_resumes_and_matches_an_uninterrupted_ru
     run_train(small_data, tmp_path / "ref", f"--train.steps={steps}", f"--train.decay_steps={steps}",
                "--train.ckpt_every=0")
     # One process, the same data order and a resume that restores model, optimizer, schedule,
-    # data position and RNG: the curves agree to fp32 rounding.
-    assert_curves_close(losses(tmp_path / "low"), losses(tmp_path / "ref"), range(1, steps + 1), 1e-5)
+    # data position and RNG: the curves agree to fp32 rounding. Not bit for bit: the same thread
+    # count can still take kernels that sum in another order (they depend on buffer alignment),
+    # and 400 steps grow such last-bit differences (measured once: 2.4e-5 at step 57, the curves
+    # equal to 1e-5 in every other run). The default 1e-4 is still ~100x below the loss change
+    # of one step here (~0.013): a resume that lost the data position, the optimizer state or
+    # the schedule moves the curve by far more from its first step on.
+    assert_curves_close(losses(tmp_path / "low"), losses(tmp_path / "ref"), range(1, steps + 1))
 
 
 def test_train_job_past_max_runtime_is_stopped_with_a_checkpoint(small_data, tmp_path, jobs_home, daemon):
