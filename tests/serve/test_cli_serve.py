@@ -57,7 +57,8 @@ def test_serve_user_errors_exit_2(tmp_path, serve_runs, capsys, monkeypatch):
                          ([str(serve_runs[0]), "--api-key", ""], "--api-key"),
                          ([str(serve_runs[0]), "--max-body-mb", "0"], "--max-body-mb"),
                          ([str(serve_runs[0]), "--kv-keep-s", "-1"], "--kv-keep-s"),
-                         ([str(serve_runs[0]), "--kv-keep-s", "nan"], "--kv-keep-s")]:
+                         ([str(serve_runs[0]), "--kv-keep-s", "nan"], "--kv-keep-s"),
+                         ([str(serve_runs[0]), "--kv-keep-s", "inf"], "--kv-keep-s")]:
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err

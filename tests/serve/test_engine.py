@@ -475,3 +475,13 @@ def test_in_throughput_mode_a_failure_in_prefill_or_decode_ends_its_own_request(
     assert [b.token_ids for b in good] == [s.token_ids for s in solo]
     assert after.token_ids == solo[0].token_ids
     assert engine._slots is None and engine._rows == []  # everything freed once idle
+
+
+def test_an_engine_refuses_a_keep_time_its_wait_cannot_take(sharp_model):
+    """The batch buffer's keep time bounds a condition wait: an infinite or NaN one would fail
+    inside the engine thread (an overflowing timeout), leaving every later request unanswered,
+    so it is refused where the engine is made."""
+    model, tok = sharp_model
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="keep_slots_s"):
+            Engine(model, tok, keep_slots_s=bad)

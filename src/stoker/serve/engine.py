@@ -214,6 +214,8 @@ class Engine:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+        if not 0 <= keep_slots_s < math.inf:  # an infinite wait overflows the condition's timeout
+            raise ValueError(f"keep_slots_s: must be a finite number >= 0, got {keep_slots_s}")
         if prefill_chunk < 1 or prefix_block < 1 or prefix_cache_bytes < 0:
             raise ValueError("prefill_chunk and prefix_block: must be >= 1; prefix_cache_bytes: >= 0")
         self.model = model.eval()

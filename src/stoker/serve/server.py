@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import socket
 import threading
 import time
@@ -588,8 +589,8 @@ def serve(run_dirs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, ap
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")
     if not max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: must be > 0, got {max_body_mb}")
-    if not kv_keep_s >= 0:
-        raise ConfigError(f"--kv-keep-s: must be >= 0, got {kv_keep_s}")
+    if not 0 <= kv_keep_s < math.inf:
+        raise ConfigError(f"--kv-keep-s: must be a finite number >= 0, got {kv_keep_s}")
     if api_key is not None and not api_key:
         raise ConfigError("--api-key (or $STOKER_API_KEY) is empty; give a key, or unset it to serve without one")
     runs = parse_models(run_dirs)
