@@ -228,17 +228,14 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     hf32 = hf if args.dtype == "fp32" else AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     ids = lambda ps: [tok.encode(p) for p in ps]  # noqa: E731
-    hf_generate(hf, ids(prompts(2, 99, args.prompt_tokens)), 4)  # warm-up
-    hf_generate(hf32, ids(prompts(2, 99, args.prompt_tokens)), 4)
-    settings["hf_1"] = ("transformers generate, batch 1",
-                        lambda r: hf_generate(hf, ids(prompts(1, r, args.prompt_tokens)), args.max_tokens))
-    settings["hf_B"] = (f"transformers generate, batch {B}",
-                        lambda r: hf_generate(hf, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens))
-    if args.dtype != "fp32":  # and the plain loop as a newcomer runs it: fp32, transformers' default
-        settings["hf_1_fp32"] = ("transformers generate, batch 1, fp32",
-                                 lambda r: hf_generate(hf32, ids(prompts(1, r, args.prompt_tokens)), args.max_tokens))
-        settings["hf_B_fp32"] = (f"transformers generate, batch {B}, fp32",
-                                 lambda r: hf_generate(hf32, ids(prompts(B, r, args.prompt_tokens)), args.max_tokens))
+    # and, serving bf16, the plain loop as a newcomer runs it: fp32, transformers' default
+    models = [("", "", hf)] + ([("_fp32", ", fp32", hf32)] if hf32 is not hf else [])
+    for suffix, label, model in models:
+        hf_generate(model, ids(prompts(2, 99, args.prompt_tokens)), 4)  # warm-up
+        for n, key in ((1, "1"), (B, "B")):
+            settings[f"hf_{key}{suffix}"] = (
+                f"transformers generate, batch {n}{label}",
+                lambda r, n=n, model=model: hf_generate(model, ids(prompts(n, r, args.prompt_tokens)), args.max_tokens))
 
     shared = text[100_000: 100_000 + args.prefix_tokens * 3]
     servers = {"cached": start_server(args.run, B, args.threads, args.dtype),

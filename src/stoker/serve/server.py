@@ -557,8 +557,12 @@ def decode_linear_speed(dtype, rows: int, seconds: float = 0.15) -> float:
 
     from stoker.models.gpt import pack_linears
 
-    gen = torch.Generator().manual_seed(0)
-    layers = nn.Sequential(*(nn.Linear(768, 3072) for _ in range(8))).to(dtype)
+    gen = torch.Generator().manual_seed(0)  # not the process's generator: probing draws nothing from it
+    layers = nn.Sequential(*(nn.utils.skip_init(nn.Linear, 768, 3072) for _ in range(8)))
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    layers.to(dtype)
     pack_linears(layers)
     x = torch.randn(rows, 768, generator=gen).to(dtype)
     with torch.inference_mode():
